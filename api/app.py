@@ -1,0 +1,24 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import errors
+from api.limits import BodySizeLimit
+from api.routes import health, jobs
+from chatjobs.settings import get_settings
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(
+        title="chatjobs",
+        version="0.1.0",
+        description="Durable, asynchronous OpenAI-style chat-completion jobs.",
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

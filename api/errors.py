@@ -1,0 +1,68 @@
+"""The one place that maps chatjobs errors to HTTP statuses and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from chatjobs.errors import AuthenticationFailed, ChatJobsError, Conflict, NotFound
+
+_STATUS: list[tuple[type[ChatJobsError], int, str]] = [
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (AuthenticationFailed, 401, "authentication_error"),
+]
+
+
+def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message, **extra}}
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = []
+    for err in exc.errors():
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        details.append(
+            {
+                "param": _param(tuple(err.get("loc", ()))),
+                "rule": err.get("type"),
+                "message": message,
+            }
+        )
+    summary = "; ".join(f"{d['param'] or 'body'}: {d['message']}" for d in details)
+    return JSONResponse(
+        status_code=422,
+        content=error_body(
+            "invalid_request_error",
+            summary,
+            param=details[0]["param"] if details else None,
+            details=details,
+        ),
+    )
+
+
+def _chatjobs_error(_: Request, exc: Exception) -> JSONResponse:
+    for cls, status, type_ in _STATUS:
+        if isinstance(exc, cls):
+            headers = {"www-authenticate": "Bearer"} if status == 401 else None
+            return JSONResponse(
+                status_code=status, content=error_body(type_, str(exc)), headers=headers
+            )
+    return JSONResponse(status_code=500, content=error_body("internal_error", "internal error"))
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ChatJobsError, _chatjobs_error)

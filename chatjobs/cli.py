@@ -1,0 +1,129 @@
+"""`chatjobs ...`: run the services, migrate, manage keys, simulate an upstream."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+
+def _api(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=ns.host,
+        port=ns.port,
+        workers=ns.workers,
+        log_level="info",
+        access_log=ns.access_log,
+    )
+
+
+def _worker(ns: argparse.Namespace) -> None:
+    from chatjobs.settings import get_settings
+    from worker import app
+
+    settings = get_settings()
+    argv = [
+        "worker",
+        f"--pool={ns.pool or settings.worker_pool}",
+        f"--concurrency={ns.concurrency or settings.worker_concurrency}",
+        f"--queues={settings.queue_name}",
+        f"--loglevel={ns.loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if ns.hostname:
+        argv.append(f"--hostname={ns.hostname}")
+    app.worker_main(argv)
+
+
+def _beat(ns: argparse.Namespace) -> None:
+    from worker import app
+
+    schedule = os.path.join(tempfile.gettempdir(), f"chatjobs-beat-{os.getuid()}")
+    app.start(["beat", f"--loglevel={ns.loglevel}", f"--schedule={schedule}"])
+
+
+def _migrate(ns: argparse.Namespace) -> None:
+    from chatjobs import migrate
+
+    if ns.downgrade:
+        migrate.downgrade(revision=ns.downgrade)
+    else:
+        migrate.upgrade(revision=ns.revision)
+    print("database migrated")
+
+
+def _keys_create(ns: argparse.Namespace) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.tenants import create_key
+
+    with session_scope() as session:
+        key = create_key(session=session, tenant_name=ns.tenant)
+    print(f"API key for tenant {ns.tenant!r} (shown once, store it now):", file=sys.stderr)
+    print(key)
+
+
+def _simulate(ns: argparse.Namespace) -> None:
+    from chatjobs import simulator
+
+    simulator.serve(simulator.config_from_args(ns), host=ns.host, port=ns.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatjobs", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    api = sub.add_parser("api", help="serve the HTTP API")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1)
+    api.add_argument("--access-log", action="store_true")
+    api.set_defaults(func=_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--pool", choices=["threads", "prefork", "solo"])
+    worker.add_argument("--concurrency", type=int)
+    worker.add_argument("--hostname")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=_worker)
+
+    beat = sub.add_parser("beat", help="run Celery beat (dispatcher and periodic tasks)")
+    beat.add_argument("--loglevel", default="INFO")
+    beat.set_defaults(func=_beat)
+
+    migrate = sub.add_parser("migrate", help="create the database if missing and migrate it")
+    migrate.add_argument("--revision", default="head")
+    migrate.add_argument("--downgrade", metavar="REVISION")
+    migrate.set_defaults(func=_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create an API key (and the tenant if new)")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=_keys_create)
+
+    simulate = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=8100)
+    from chatjobs import simulator
+
+    simulator.add_arguments(simulate)
+    simulate.set_defaults(func=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ns = build_parser().parse_args(argv)
+    ns.func(ns)
+
+
+if __name__ == "__main__":
+    main()

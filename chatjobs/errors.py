@@ -1,0 +1,117 @@
+"""Every error chatjobs raises, grouped by cause. Only api/ maps them to HTTP statuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ChatJobsError(Exception):
+    """Base of every chatjobs error."""
+
+
+# --- the caller asked for something that cannot be done -------------------------------
+
+
+class NotFound(ChatJobsError):
+    """The object does not exist, or belongs to another tenant."""
+
+
+class JobNotFound(NotFound):
+    """No job with that id is visible to this tenant."""
+
+
+class Conflict(ChatJobsError):
+    """The request clashes with the object's current state."""
+
+
+class IdempotencyConflict(Conflict):
+    """The Idempotency-Key was used before with a different body."""
+
+
+class JobNotCancellable(Conflict):
+    """The job has already finished."""
+
+
+class AuthenticationFailed(ChatJobsError):
+    """The API key is missing, malformed or unknown."""
+
+
+# --- the upstream provider ------------------------------------------------------------
+
+
+class UpstreamError(ChatJobsError):
+    """A call to the upstream chat-completions endpoint did not give a usable answer.
+
+    Carries what the job's error record needs and nothing secret: no headers, no API key.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.request_id = request_id
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments do not survive the default pickling of exceptions.
+        return (_rebuild, (type(self), self.message, self.__dict__))
+
+    @property
+    def type(self) -> str:
+        """The error type recorded on the job."""
+        return _TYPE_NAMES.get(type(self), "upstream_error")
+
+
+def _rebuild(cls: type[UpstreamError], message: str, state: dict[str, object]) -> UpstreamError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+class UpstreamConnectionError(UpstreamError):
+    """The upstream could not be reached or the connection broke."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within the configured timeout."""
+
+
+class UpstreamMalformedResponse(UpstreamError):
+    """The upstream answered 2xx with a body that is not a chat completion."""
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with a non-2xx status."""
+
+
+_TYPE_NAMES: dict[type[UpstreamError], str] = {
+    UpstreamConnectionError: "upstream_connection_error",
+    UpstreamTimeout: "upstream_timeout",
+    UpstreamMalformedResponse: "upstream_malformed_response",
+    UpstreamStatusError: "upstream_status_error",
+}
+
+_RETRYABLE_STATUSES = frozenset({408, 409, 429})
+
+
+def is_retryable(err: UpstreamError) -> bool:
+    """The one retry decision: transient causes are retried, everything else fails at once."""
+    if isinstance(err, UpstreamConnectionError | UpstreamTimeout | UpstreamMalformedResponse):
+        return True
+    status = err.status_code
+    if status is None:
+        return False
+    if status == 429:
+        # An empty account will not refill by waiting.
+        return err.code != "insufficient_quota"
+    return status in _RETRYABLE_STATUSES or status >= 500

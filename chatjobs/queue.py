@@ -1,0 +1,60 @@
+"""The Celery app's configuration, and the one way anything puts a job on the broker.
+
+The API publishes through here without importing worker/; the worker builds its app from the
+same configuration and registers the tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from functools import lru_cache
+
+from celery import Celery
+
+from chatjobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "chatjobs.run_job"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """A Celery app wired to the broker with the delivery guarantees chatjobs relies on."""
+    settings = settings or get_settings()
+    app = Celery("chatjobs", broker=settings.redis_url)
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A message is acknowledged only once its task returns, and handed back if the
+        # worker process dies: the conditional claim makes the redelivery harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # Redis redelivers an unacknowledged message after this long. Recovery does not wait
+        # on it (the reconciler re-enqueues from Postgres); it only bounds how long a message
+        # of a dead worker lingers.
+        broker_transport_options={"visibility_timeout": 3600},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+@lru_cache
+def get_producer() -> Celery:
+    return make_celery()
+
+
+def enqueue_jobs(job_ids: Iterable[uuid.UUID]) -> None:
+    """Publish one wake-up per job. Call only after the rows have committed."""
+    app = get_producer()
+    queue = get_settings().queue_name
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            app.send_task(RUN_JOB, args=[str(job_id)], queue=queue, producer=producer)

@@ -1,0 +1,61 @@
+"""One typed settings object, read from CHATJOBS_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything chatjobs reads from its environment (prefix ``CHATJOBS_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATJOBS_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@localhost:5432/chatjobs"
+    redis_url: str = "redis://localhost:6379/0"
+
+    upstream_base_url: str = "http://127.0.0.1:8100/v1"
+    upstream_api_key: SecretStr = SecretStr("")
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    upstream_read_timeout: float = Field(600.0, gt=0)
+    default_model: str = "gpt-4.1"
+
+    worker_pool: str = "threads"
+    worker_concurrency: int = Field(64, ge=1)
+    queue_name: str = "chatjobs"
+
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    lease_seconds: float = Field(60.0, gt=0)
+    max_attempts: int = Field(6, ge=1)
+    retry_base_seconds: float = Field(1.0, gt=0)
+    retry_cap_seconds: float = Field(300.0, gt=0)
+    retry_after_cap_seconds: float = Field(600.0, gt=0)
+    dispatch_interval_seconds: float = Field(1.0, gt=0)
+    job_deadline_seconds: float = Field(24 * 3600.0, gt=0)
+    db_pool_size: int = Field(10, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _use_psycopg3(cls, value: str) -> str:
+        # SQLAlchemy reads a bare postgresql:// as psycopg2, which we do not ship.
+        for prefix in ("postgresql://", "postgres://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        if not value.startswith("postgresql+psycopg://"):
+            raise ValueError("CHATJOBS_DATABASE_URL must be a postgresql:// URL")
+        return value
+
+    @field_validator("worker_pool")
+    @classmethod
+    def _known_pool(cls, value: str) -> str:
+        if value not in {"threads", "prefork", "solo"}:
+            raise ValueError("CHATJOBS_WORKER_POOL must be one of threads, prefork, solo")
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, built once; tests clear the cache to override."""
+    return Settings()

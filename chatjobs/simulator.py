@@ -1,0 +1,1354 @@
+"""An OpenAI-compatible chat-completions upstream simulator for tests, benchmarks and `make run`.
+
+Everything is in-process asyncio state: one `Simulator` per app holds the live config, the rate
+limiter, the counters and the call log, so a benchmark can hold thousands of sleeping requests
+without threads. Behaviour is deterministic: the same request body gives the same content and
+usage, and injected faults follow a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+__all__ = [
+    "SimConfig",
+    "Simulator",
+    "add_arguments",
+    "config_from_args",
+    "config_from_env",
+    "count_prompt_tokens",
+    "count_text_tokens",
+    "create_app",
+    "main",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gpt-4.1"
+ENV_PREFIX = "CHATJOBS_SIM_"
+CALLS_MAXLEN = 100_000
+DEFAULT_CALLS_LIMIT = 1000
+# Status recorded for requests whose client went away before we answered (nginx's convention).
+CLIENT_CLOSED = 499
+MALFORMED_BODY = b'{"id": "chatcmpl-broken", "choices": ['
+SERVER_ERROR_MESSAGE = "The server had an error while processing your request."
+MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4o-mini")
+# Three-letter words: with the 4-characters-per-token placeholder rule every " word" is exactly
+# one token, which keeps usage self-consistent without a real tokenizer.
+_VOCAB = (
+    "the", "job", "sim", "api", "run", "log", "key", "box", "fox", "red", "sky", "sun", "cat",
+    "dog", "map", "net", "cup", "pen", "web", "row", "set", "bit", "hub", "jar", "kit", "lab",
+    "mix", "oak", "pod", "ray", "tag", "zip",
+)  # fmt: skip
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_PIECE_RE = re.compile(r"\S+\s*|\s+")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class SimConfig:
+    """Behaviour knobs of the simulator; all of them can be changed live via POST /_sim/config."""
+
+    latency: float = 0.0
+    jitter: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    limit_window: str = "minute"
+    error_rate: float = 0.0
+    error_statuses: tuple[int, ...] = (500, 502, 503, 529)
+    timeout_rate: float = 0.0
+    hang_seconds: float = 3600.0
+    malformed_rate: float = 0.0
+    context_window: int | None = None
+    api_key: str | None = None
+    stream_chunk_delay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce_field(f.name, getattr(self, f.name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        data = dataclasses.asdict(self)
+        data["error_statuses"] = list(self.error_statuses)
+        return data
+
+
+_SECONDS_FIELDS = frozenset({"latency", "jitter", "hang_seconds", "stream_chunk_delay"})
+_RATE_FIELDS = frozenset({"error_rate", "timeout_rate", "malformed_rate"})
+_LIMIT_FIELDS = frozenset({"rpm", "tpm", "context_window"})
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SimConfig))
+# Spellings of "no limit" accepted from the environment and the command line.
+_UNLIMITED = frozenset({"", "none", "null", "off", "unlimited"})
+
+
+def _coerce_field(name: str, value: object) -> Any:
+    """Validate one SimConfig field and normalise its type; ValueError names the field."""
+    if name in _SECONDS_FIELDS or name in _RATE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        number = float(value)
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
+        if name in _RATE_FIELDS and number > 1:
+            raise ValueError(f"{name}: must be between 0 and 1, got {value!r}")
+        return number
+    if name in _LIMIT_FIELDS:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative integer or null, got {value!r}")
+        # 0 means "no limit": a limit nothing can pass is never what anyone wants.
+        return value or None
+    if name == "limit_window":
+        if value not in ("minute", "second"):
+            raise ValueError(f"{name}: expected 'minute' or 'second', got {value!r}")
+        return value
+    if name == "error_statuses":
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
+            raise ValueError(f"{name}: expected a non-empty list of HTTP statuses, got {value!r}")
+        statuses = tuple(value)
+        for status in statuses:
+            if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+                raise ValueError(f"{name}: {status!r} is not an HTTP error status (400-599)")
+        return statuses
+    if name == "api_key":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string or null, got {value!r}")
+        return value
+    if name == "seed":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return value
+    raise ValueError(f"unknown simulator setting {name!r}")
+
+
+def _parse_text(name: str, raw: str) -> object:
+    """Turn the text form of a field (env var, CLI flag) into its Python value."""
+    text = raw.strip()
+    try:
+        if name in _SECONDS_FIELDS or name in _RATE_FIELDS:
+            return float(text)
+        if name in _LIMIT_FIELDS:
+            return None if text.lower() in _UNLIMITED else int(text)
+        if name == "seed":
+            return int(text)
+        if name == "error_statuses":
+            return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{name}: cannot parse {raw!r}") from None
+    if name == "limit_window":
+        return text.lower()
+    return raw
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> SimConfig:
+    """Build a SimConfig from CHATJOBS_SIM_* variables; unset or empty means the default."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in _FIELD_NAMES:
+        var = ENV_PREFIX + name.upper()
+        raw = env.get(var)
+        if raw is None or not raw.strip():
+            continue
+        try:
+            values[name] = _coerce_field(name, _parse_text(name, raw))
+        except ValueError as exc:
+            raise ValueError(f"{var}={raw!r} is invalid: {exc}") from None
+    return SimConfig(**values)
+
+
+def _arg_type(name: str) -> Callable[[str], object]:
+    def parse(raw: str) -> object:
+        try:
+            return _coerce_field(name, _parse_text(name, raw))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    # argparse quotes the converter's name in its error messages.
+    parse.__name__ = name
+    return parse
+
+
+_ARG_HELP = {
+    "latency": "seconds before answering (streams: before the first chunk)",
+    "jitter": "extra uniform 0..JITTER seconds of latency",
+    "rpm": "requests per minute limit (0 = unlimited)",
+    "tpm": "tokens per minute limit (0 = unlimited)",
+    "limit_window": "'minute': 60 s sliding window; 'second': rpm/60 and tpm/60 per second",
+    "error_rate": "fraction of requests answered with a 5xx",
+    "error_statuses": "comma-separated statuses injected errors are drawn from",
+    "timeout_rate": "fraction of requests that hang for --hang-seconds",
+    "hang_seconds": "how long a hanging request sleeps before answering",
+    "malformed_rate": "fraction of requests answered 200 with invalid JSON",
+    "context_window": "reject prompt + requested output above this many tokens",
+    "api_key": "require 'Authorization: Bearer API_KEY'",
+    "stream_chunk_delay": "seconds between streamed chunks",
+    "seed": "seed of content and fault randomness",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, server_options: bool = False) -> None:
+    """Add --latency, --rpm, ... (one flag per SimConfig field) to an argparse parser."""
+    if server_options:
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8100)
+    for name in _FIELD_NAMES:
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "type": _arg_type(name),
+            # Absent flags leave no attribute, so config_from_args falls back to the env.
+            "default": argparse.SUPPRESS,
+            "help": _ARG_HELP.get(name, "") + f" (env {ENV_PREFIX}{name.upper()})",
+        }
+        if name == "limit_window":
+            kwargs["choices"] = ("minute", "second")
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(ns: argparse.Namespace, base: SimConfig | None = None) -> SimConfig:
+    """SimConfig from parsed add_arguments flags, layered over `base` (default: the env)."""
+    config = config_from_env() if base is None else base
+    given = {name: getattr(ns, name) for name in _FIELD_NAMES if hasattr(ns, name)}
+    return dataclasses.replace(config, **given)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens and content
+
+
+def count_text_tokens(text: str) -> int:
+    """Placeholder token count: one token per started group of four characters."""
+    return (len(text) + 3) // 4
+
+
+def _content_tokens(content: object) -> int:
+    if isinstance(content, str):
+        return count_text_tokens(content)
+    if isinstance(content, list):
+        return sum(
+            count_text_tokens(part["text"])
+            for part in content
+            if isinstance(part, dict)
+            and part.get("type") == "text"
+            and isinstance(part.get("text"), str)
+        )
+    return 0
+
+
+def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Prompt tokens with OpenAI's framing: 3 per message + role, content, name; 3 to prime."""
+    total = 3
+    for message in messages:
+        total += 3
+        if not isinstance(message, dict):
+            continue
+        role = message.get("role")
+        if isinstance(role, str):
+            total += count_text_tokens(role)
+        total += _content_tokens(message.get("content"))
+        name = message.get("name")
+        if isinstance(name, str):
+            total += count_text_tokens(name)
+    return total
+
+
+def _content_digest(messages: list[Any], model: str, seed: int) -> bytes:
+    canonical = json.dumps([messages, model, seed], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+def _word_bytes(digest: bytes) -> bytes:
+    # 64 bytes so a 57-word reply does not visibly repeat the digest's 32-byte cycle.
+    return digest + hashlib.sha256(digest).digest()
+
+
+def _render_reply(digest: bytes, words: int, json_mode: bool) -> str:
+    pool = _word_bytes(digest)
+    picked = " ".join(_VOCAB[pool[i % len(pool)] % len(_VOCAB)] for i in range(words))
+    text = f"Simulated reply {digest.hex()[:8]}: {picked}"
+    text += "."
+    return json.dumps({"reply": text}) if json_mode else text
+
+
+def _reply_content(digest: bytes, target: int, json_mode: bool) -> str:
+    """Content whose count_text_tokens is `target` (or as close as the counting rule allows)."""
+    words = max(0, target - (10 if json_mode else 7))
+    text = _render_reply(digest, words, json_mode)
+    # Only adjusts anything if count_text_tokens changes; with the placeholder rule it's exact.
+    while count_text_tokens(text) < target:
+        words += 1
+        text = _render_reply(digest, words, json_mode)
+    while words > 0 and count_text_tokens(text) > target:
+        words -= 1
+        text = _render_reply(digest, words, json_mode)
+    return text
+
+
+def _truncate_to_tokens(text: str, limit: int) -> str:
+    """Longest prefix of text within `limit` tokens, as a model cut off by max_tokens would be."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_text_tokens(text[:mid]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+def _sample_value(schema: object, depth: int = 0) -> Any:
+    """A deterministic value that satisfies a (simple) JSON schema."""
+    if not isinstance(schema, dict) or depth > 4:
+        return None
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "string":
+        return "sim"
+    if kind == "integer":
+        return 1
+    if kind == "number":
+        return 1.5
+    if kind == "boolean":
+        return True
+    if kind == "array":
+        return []
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(properties)
+        return {
+            str(key): _sample_value(properties.get(key), depth + 1)
+            for key in names
+            if key in properties
+        }
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Errors and helpers
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _error_body(
+    message: str, type_: str | None, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _json_response(
+    data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    merged = {"x-request-id": _request_id()}
+    if headers:
+        merged.update(headers)
+    return Response(_dumps(data), status, merged, media_type="application/json")
+
+
+def _error_response(
+    status: int,
+    message: str,
+    type_: str | None,
+    param: str | None = None,
+    code: str | None = None,
+) -> Response:
+    return _json_response(_error_body(message, type_, param, code), status)
+
+
+def _request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def _invalid(message: str, param: str | None = None, code: str | None = None) -> Response:
+    return _error_response(400, message, "invalid_request_error", param, code)
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+def _fmt_duration(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* format: '250ms', '1s', '17.28s', '1m30s'."""
+    ms = math.ceil(max(0.0, seconds) * 1000)
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    secs = _seconds_text(rest / 1000) or "0"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _header_number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+_STATUS_ERRORS: dict[int, tuple[str, str | None, str | None]] = {
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to access this resource.", "invalid_request_error", None),
+    404: ("The model does not exist.", "invalid_request_error", "model_not_found"),
+    429: ("Rate limit reached for requests (simulated).", "requests", "rate_limit_exceeded"),
+}
+_QUOTA_MESSAGE = "You exceeded your current quota, please check your plan and billing details."
+
+
+def _status_error(status: int, xsim: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI-shaped error body for a forced status, with x_sim's message/type/code/param."""
+    type_: str | None
+    code: str | None
+    if status == 429 and xsim.get("code") == "insufficient_quota":
+        message, type_, code = _QUOTA_MESSAGE, "insufficient_quota", "insufficient_quota"
+    elif status >= 500:
+        type_ = "overloaded_error" if status == 529 else "server_error"
+        message, code = SERVER_ERROR_MESSAGE, None
+    else:
+        default = (f"Simulated error {status}.", "invalid_request_error", "invalid_request_error")
+        message, type_, code = _STATUS_ERRORS.get(status, default)
+    body = _error_body(message, type_, None, code)
+    error = body["error"]
+    for key in ("message", "type", "code", "param"):
+        if key in xsim:
+            error[key] = xsim[key]
+    return body
+
+
+# --------------------------------------------------------------------------------------------
+# Rate limiting
+
+
+@dataclass
+class _Admission:
+    allowed: bool
+    headers: dict[str, str]
+    kind: str = ""
+    limit: int = 0
+    used: int = 0
+    requested: int = 0
+    retry_after: float = 0.0
+    too_large: bool = False
+
+
+class _RateLimiter:
+    """RPM/TPM admission: a 60 s sliding window, or fixed 1 s buckets of rpm/60 and tpm/60."""
+
+    WINDOW = 60.0
+
+    def __init__(self) -> None:
+        self._req_times: deque[float] = deque()
+        self._tok_events: deque[tuple[float, int]] = deque()
+        self._tok_used = 0
+        self._bucket = -1
+        self._bucket_requests = 0
+        self._bucket_tokens = 0
+
+    def admit(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
+        if cfg.limit_window == "second":
+            return self._admit_second(cfg, now, cost)
+        return self._admit_minute(cfg, now, cost)
+
+    def _admit_minute(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
+        horizon = now - self.WINDOW
+        times, events = self._req_times, self._tok_events
+        while times and times[0] <= horizon:
+            times.popleft()
+        while events and events[0][0] <= horizon:
+            self._tok_used -= events.popleft()[1]
+        rpm, tpm = cfg.rpm, cfg.tpm
+        if rpm is not None and len(times) >= rpm:
+            # The window can hold more than rpm after a live config change: wait for the excess.
+            wait = times[len(times) - rpm] + self.WINDOW - now
+            return self._reject(cfg, now, "requests", rpm, len(times), 1, wait)
+        if tpm is not None:
+            if cost > tpm:
+                # Can never fit; like OpenAI's "Request too large" it is still a 429.
+                return self._reject(
+                    cfg, now, "tokens", tpm, self._tok_used, cost, self.WINDOW, True
+                )
+            if self._tok_used + cost > tpm:
+                need, freed, wait = self._tok_used + cost - tpm, 0, self.WINDOW
+                for stamp, tokens in events:
+                    freed += tokens
+                    if freed >= need:
+                        wait = stamp + self.WINDOW - now
+                        break
+                return self._reject(cfg, now, "tokens", tpm, self._tok_used, cost, wait)
+        if rpm is not None:
+            times.append(now)
+        if tpm is not None:
+            events.append((now, cost))
+            self._tok_used += cost
+        return _Admission(True, self._minute_headers(cfg, now))
+
+    def _minute_headers(self, cfg: SimConfig, now: float) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if cfg.rpm is not None:
+            times = self._req_times
+            # Reset = when the remaining count next goes up (the oldest counted request expires).
+            idx = max(0, len(times) - cfg.rpm)
+            reset = times[idx] + self.WINDOW - now if times else 0.0
+            headers["x-ratelimit-limit-requests"] = str(cfg.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, cfg.rpm - len(times)))
+            headers["x-ratelimit-reset-requests"] = _fmt_duration(reset)
+        if cfg.tpm is not None:
+            events = self._tok_events
+            reset = events[0][0] + self.WINDOW - now if events else 0.0
+            headers["x-ratelimit-limit-tokens"] = str(cfg.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, cfg.tpm - self._tok_used))
+            headers["x-ratelimit-reset-tokens"] = _fmt_duration(reset)
+        return headers
+
+    def _admit_second(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
+        bucket = math.floor(now)
+        if bucket != self._bucket:
+            self._bucket, self._bucket_requests, self._bucket_tokens = bucket, 0, 0
+        wait = bucket + 1 - now
+        if cfg.rpm is not None:
+            limit = max(1, cfg.rpm // 60)
+            if self._bucket_requests >= limit:
+                return self._reject(cfg, now, "requests", limit, self._bucket_requests, 1, wait)
+        if cfg.tpm is not None:
+            limit = max(1, cfg.tpm // 60)
+            # A request bigger than a whole second's budget may take an empty bucket; otherwise
+            # it could never run at all under per-second enforcement.
+            if self._bucket_tokens and self._bucket_tokens + cost > limit:
+                return self._reject(cfg, now, "tokens", limit, self._bucket_tokens, cost, wait)
+        self._bucket_requests += 1
+        self._bucket_tokens += cost
+        return _Admission(True, self._second_headers(cfg, now))
+
+    def _second_headers(self, cfg: SimConfig, now: float) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        reset = _fmt_duration(self._bucket + 1 - now)
+        if cfg.rpm is not None:
+            limit = max(1, cfg.rpm // 60)
+            headers["x-ratelimit-limit-requests"] = str(limit)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, limit - self._bucket_requests))
+            headers["x-ratelimit-reset-requests"] = reset
+        if cfg.tpm is not None:
+            limit = max(1, cfg.tpm // 60)
+            headers["x-ratelimit-limit-tokens"] = str(limit)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, limit - self._bucket_tokens))
+            headers["x-ratelimit-reset-tokens"] = reset
+        return headers
+
+    def _reject(
+        self,
+        cfg: SimConfig,
+        now: float,
+        kind: str,
+        limit: int,
+        used: int,
+        requested: int,
+        wait: float,
+        too_large: bool = False,
+    ) -> _Admission:
+        if cfg.limit_window == "second":
+            headers = self._second_headers(cfg, now)
+        else:
+            headers = self._minute_headers(cfg, now)
+        return _Admission(False, headers, kind, limit, used, requested, max(wait, 0.001), too_large)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass
+class _ChatRequest:
+    model: str
+    messages: list[dict[str, Any]]
+    n: int
+    stream: bool
+    include_usage: bool
+    max_out: int | None
+    tool: dict[str, Any] | None
+    json_mode: bool
+    xsim: dict[str, Any]
+
+
+def _optional_int(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _BadRequest(
+            f"Invalid '{key}': expected an integer between {low} and {high}, got {value!r}.",
+            key,
+            "invalid_value",
+        )
+    return value
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+_XSIM_NUMBERS = ("latency", "retry_after", "retry_after_ms")
+
+
+def _parse_xsim(value: object) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _BadRequest("Invalid 'x_sim': expected an object.", "x_sim")
+    for key in _XSIM_NUMBERS:
+        number = value.get(key)
+        if number is not None and (
+            isinstance(number, bool) or not isinstance(number, int | float) or number < 0
+        ):
+            raise _BadRequest(f"Invalid 'x_sim.{key}': expected a number >= 0.", "x_sim")
+    status = value.get("status")
+    if status is not None and (
+        isinstance(status, bool)
+        or not isinstance(status, int)
+        or not (status == 200 or 400 <= status <= 599)
+    ):
+        raise _BadRequest("Invalid 'x_sim.status': expected an HTTP status.", "x_sim")
+    fail_times = value.get("fail_times")
+    if fail_times is not None and (
+        isinstance(fail_times, bool) or not isinstance(fail_times, int) or fail_times < 0
+    ):
+        raise _BadRequest("Invalid 'x_sim.fail_times': expected an integer >= 0.", "x_sim")
+    hang = value.get("hang")
+    if hang is not None and not isinstance(hang, bool | int | float):
+        raise _BadRequest("Invalid 'x_sim.hang': expected a boolean or seconds.", "x_sim")
+    return value
+
+
+def _find_tool(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The function to call when tool_choice forces one, else None (plain content)."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none", "auto"):
+            raise _BadRequest(
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+                "are specified.",
+                "tool_choice",
+            )
+        return None
+    if not isinstance(tools, list) or not tools:
+        raise _BadRequest("Invalid 'tools': expected a non-empty array.", "tools", "invalid_value")
+    functions: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise _BadRequest(
+                f"Missing required parameter: 'tools[{i}].function.name'.",
+                f"tools[{i}].function.name",
+                "missing_required_parameter",
+            )
+        functions.append(fn)
+    if choice == "required":
+        return functions[0]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        wanted = choice.get("function")
+        name = wanted.get("name") if isinstance(wanted, dict) else None
+        for fn in functions:
+            if fn["name"] == name:
+                return fn
+        raise _BadRequest(
+            f"Invalid value for 'tool_choice': function {name!r} is not among 'tools'.",
+            "tool_choice",
+            "invalid_value",
+        )
+    return None
+
+
+def _parse_request(body: object) -> _ChatRequest:
+    if not isinstance(body, dict):
+        raise _BadRequest("Invalid request body: expected a JSON object.")
+    messages = body.get("messages")
+    if messages is None:
+        raise _BadRequest(
+            "Missing required parameter: 'messages'.", "messages", "missing_required_parameter"
+        )
+    if not isinstance(messages, list):
+        raise _BadRequest("Invalid 'messages': expected an array.", "messages", "invalid_type")
+    if not messages:
+        raise _BadRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got "
+            "an empty array instead.",
+            "messages",
+            "empty_array",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadRequest(
+                f"Invalid type for 'messages[{i}]': expected an object.",
+                f"messages[{i}]",
+                "invalid_type",
+            )
+        role = message.get("role")
+        if role not in _ROLES:
+            raise _BadRequest(
+                f"Invalid value for 'messages[{i}].role': {role!r}. Supported values are: "
+                + ", ".join(f"'{r}'" for r in sorted(_ROLES))
+                + ".",
+                f"messages[{i}].role",
+                "invalid_value",
+            )
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _BadRequest(
+                f"Invalid type for 'messages[{i}].content': expected a string or an array.",
+                f"messages[{i}].content",
+                "invalid_type",
+            )
+    model = body.get("model", DEFAULT_MODEL)
+    if model is None:
+        model = DEFAULT_MODEL
+    if not isinstance(model, str) or not model:
+        raise _BadRequest("Invalid 'model': expected a non-empty string.", "model", "invalid_type")
+    n = _optional_int(body, "n", 1, 128) or 1
+    max_out = _optional_int(body, "max_completion_tokens", 1, 10**9) or _optional_int(
+        body, "max_tokens", 1, 10**9
+    )
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _BadRequest("Invalid 'stream': expected a boolean.", "stream", "invalid_type")
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    response_format = body.get("response_format")
+    json_mode = isinstance(response_format, dict) and response_format.get("type") in (
+        "json_object",
+        "json_schema",
+    )
+    return _ChatRequest(
+        model=model,
+        messages=messages,
+        n=n,
+        stream=bool(stream),
+        include_usage=include_usage,
+        max_out=max_out,
+        tool=_find_tool(body),
+        json_mode=json_mode,
+        xsim=_parse_xsim(body.get("x_sim")),
+    )
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _sleep_unless_disconnected(receive: Receive, seconds: float) -> bool:
+    """Sleep for `seconds`; return True early if the client disconnects meanwhile."""
+    # A hung request must not outlive its client: in_flight and memory would stay inflated.
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait((watcher,), timeout=seconds)
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+    if not done:
+        return False
+    if not watcher.cancelled() and watcher.exception() is not None:
+        logger.debug("receive failed while sleeping; treating as disconnect", exc_info=True)
+    return True
+
+
+class _PacedStream(StreamingResponse):
+    """StreamingResponse that paces pre-built SSE chunks."""
+
+    def __init__(self, chunks: list[bytes], delay: float, headers: Mapping[str, str]) -> None:
+        super().__init__(self._pace(chunks, delay), headers=headers, media_type="text/event-stream")
+
+    @staticmethod
+    async def _pace(chunks: list[bytes], delay: float) -> AsyncIterator[bytes]:
+        for i, chunk in enumerate(chunks):
+            if i and delay > 0:
+                await asyncio.sleep(delay)
+            yield chunk
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    succeeded: int = 0
+    rate_limited: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    malformed: int = 0
+    hung: int = 0
+    disconnected: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Call:
+    """What the handler learns about one request, for the stats and the call log."""
+
+    __slots__ = ("body", "completion_tokens", "malformed", "prompt_tokens", "request_id", "xsim")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.body: Any = None
+        self.xsim: dict[str, Any] = {}
+        self.malformed = False
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+
+class _CompletionsEndpoint:
+    # A class instance, not a function, so Starlette's Route treats it as a raw ASGI app and
+    # the in-flight accounting can span the whole response, streaming included.
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.sim.handle_completion(scope, receive, send)
+
+
+class Simulator:
+    """Live state of one simulator app: config, rate limiter, fault RNGs, counters, call log."""
+
+    def __init__(self, config: SimConfig, clock: Callable[[], float] | None = None) -> None:
+        self.initial_config = dataclasses.replace(config)
+        self.config = dataclasses.replace(config)
+        self.clock = clock or time.monotonic
+        self.stats = _Stats()
+        self.calls: deque[dict[str, Any]] = deque(maxlen=CALLS_MAXLEN)
+        self.limiter = _RateLimiter()
+        self.fail_counts: dict[str, int] = {}
+        self._reseed()
+
+    def _reseed(self) -> None:
+        seed = self.config.seed
+        self._fault_rng = random.Random(seed)
+        # Separate stream so turning jitter on does not change which requests fail.
+        self._jitter_rng = random.Random(f"{seed}:jitter")
+
+    def reset(self, restore_config: bool = False) -> None:
+        """Forget stats, calls, limiter state and x_sim counters (and optionally the config)."""
+        if restore_config:
+            self.config = dataclasses.replace(self.initial_config)
+        in_flight = self.stats.in_flight
+        self.stats = _Stats(in_flight=in_flight, max_in_flight=in_flight)
+        self.calls.clear()
+        self.limiter = _RateLimiter()
+        self.fail_counts.clear()
+        self._reseed()
+
+    def update_config(self, changes: Mapping[str, Any]) -> SimConfig:
+        """Apply a partial config; ValueError on unknown fields or bad values."""
+        unknown = sorted(set(changes) - set(_FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown simulator setting(s): {', '.join(unknown)}")
+        self.config = dataclasses.replace(self.config, **changes)
+        if "seed" in changes:
+            self._reseed()
+        return self.config
+
+    def stats_dict(self) -> dict[str, int]:
+        """Counters as served by GET /_sim/stats."""
+        return dataclasses.asdict(self.stats)
+
+    def recent_calls(self, limit: int = DEFAULT_CALLS_LIMIT) -> list[dict[str, Any]]:
+        """The last `limit` logged calls, ordered by arrival time."""
+        start = max(0, len(self.calls) - limit)
+        recent = list(itertools.islice(self.calls, start, None)) if limit > 0 else []
+        recent.sort(key=lambda call: call["t"])
+        return recent
+
+    async def handle_completion(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI handler of POST /v1/chat/completions."""
+        arrival = time.time()
+        call = _Call(_request_id())
+        stats = self.stats
+        stats.requests += 1
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        status = 500
+        try:
+            try:
+                response = await self._complete(scope, receive, call)
+            except Exception:
+                logger.exception("simulator failed to handle a request")
+                response = _json_response(
+                    _error_body(SERVER_ERROR_MESSAGE, "server_error"),
+                    500,
+                )
+            if response is None:
+                status = CLIENT_CLOSED
+                return
+            response.headers["x-request-id"] = call.request_id
+            if response.status_code >= 400 and call.xsim:
+                self._xsim_retry_headers(response, call.xsim)
+            status = response.status_code
+            await response(scope, receive, send)
+        finally:
+            # reset() may have swapped self.stats meanwhile; the live object gets the decrement.
+            self.stats.in_flight = max(0, self.stats.in_flight - 1)
+            self._account(status, call)
+            self.calls.append(
+                {"t": arrival, "status": status, "body": call.body, "request_id": call.request_id}
+            )
+
+    @staticmethod
+    def _xsim_retry_headers(response: Response, xsim: Mapping[str, Any]) -> None:
+        if xsim.get("retry_after") is not None:
+            response.headers["retry-after"] = _header_number(xsim["retry_after"])
+        if xsim.get("retry_after_ms") is not None:
+            response.headers["retry-after-ms"] = _header_number(xsim["retry_after_ms"])
+
+    def _account(self, status: int, call: _Call) -> None:
+        stats = self.stats
+        if call.malformed:
+            stats.malformed += 1
+        elif status == 200:
+            stats.succeeded += 1
+            stats.prompt_tokens += call.prompt_tokens
+            stats.completion_tokens += call.completion_tokens
+        elif status == 429:
+            stats.rate_limited += 1
+        elif status == CLIENT_CLOSED:
+            stats.disconnected += 1
+        elif status >= 500:
+            stats.errors += 1
+        else:
+            stats.client_errors += 1
+
+    async def _complete(self, scope: Scope, receive: Receive, call: _Call) -> Response | None:
+        cfg = self.config
+        request = Request(scope, receive)
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            return None
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            call.body = raw.decode("utf-8", "replace")
+            body = None
+            parse_failed = True
+        else:
+            call.body = body
+            parse_failed = False
+
+        if cfg.api_key is not None:
+            denied = self._check_auth(request.headers.get("authorization"), cfg.api_key)
+            if denied is not None:
+                return denied
+        if parse_failed:
+            return _invalid(
+                "We could not parse the JSON body of your request. (HINT: This likely means you "
+                "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
+            )
+        try:
+            req = _parse_request(body)
+        except _BadRequest as exc:
+            return _invalid(exc.message, exc.param, exc.code)
+        call.xsim = req.xsim
+
+        prompt_tokens = count_prompt_tokens(req.messages)
+        requested_out = req.max_out or 0
+        window = cfg.context_window
+        if window is not None and prompt_tokens + requested_out > window:
+            return _invalid(
+                f"This model's maximum context length is {window} tokens. However, you requested "
+                f"{prompt_tokens + requested_out} tokens ({prompt_tokens} in the messages, "
+                f"{requested_out} in the completion). Please reduce the length of the messages "
+                "or completion.",
+                "messages",
+                "context_length_exceeded",
+            )
+
+        limit_headers: dict[str, str] = {}
+        if cfg.rpm is not None or cfg.tpm is not None:
+            admission = self.limiter.admit(cfg, self.clock(), prompt_tokens + requested_out)
+            limit_headers = admission.headers
+            if not admission.allowed:
+                return self._rate_limited(admission, req.model)
+
+        digest = _content_digest(req.messages, req.model, cfg.seed)
+        xsim = req.xsim
+        roll = self._fault_rng.random()
+        forced = self._forced_status(xsim, digest)
+        hang: float = 0.0
+        malformed = bool(xsim.get("malformed"))
+        if forced is None:
+            if roll < cfg.error_rate:
+                forced = self._fault_rng.choice(cfg.error_statuses)
+            elif roll < cfg.error_rate + cfg.timeout_rate:
+                hang = cfg.hang_seconds
+            elif roll < cfg.error_rate + cfg.timeout_rate + cfg.malformed_rate:
+                malformed = True
+        xsim_hang = xsim.get("hang")
+        if xsim_hang is True:
+            hang = cfg.hang_seconds
+        elif xsim_hang and not isinstance(xsim_hang, bool):
+            hang = float(xsim_hang)
+
+        if xsim.get("latency") is not None:
+            delay = float(xsim["latency"])
+        else:
+            delay = cfg.latency
+            if cfg.jitter > 0:
+                delay += self._jitter_rng.uniform(0.0, cfg.jitter)
+        if hang:
+            self.stats.hung += 1
+            delay += hang
+        if delay > 0 and await _sleep_unless_disconnected(receive, delay):
+            return None
+
+        if forced is not None:
+            return _json_response(_status_error(forced, xsim), forced, limit_headers)
+        if malformed:
+            call.malformed = True
+            return Response(MALFORMED_BODY, 200, limit_headers, media_type="application/json")
+        return self._answer(req, digest, prompt_tokens, call, limit_headers)
+
+    @staticmethod
+    def _check_auth(header: str | None, api_key: str) -> Response | None:
+        if not header:
+            return _error_response(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                "invalid_request_error",
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip() == api_key:
+            return None
+        shown = token.strip()
+        masked = f"{shown[:3]}***{shown[-4:]}" if len(shown) > 8 else "***"
+        return _error_response(
+            401,
+            f"Incorrect API key provided: {masked}.",
+            "invalid_request_error",
+            None,
+            "invalid_api_key",
+        )
+
+    def _forced_status(self, xsim: Mapping[str, Any], digest: bytes) -> int | None:
+        status = xsim.get("status")
+        if "fail_times" in xsim and xsim["fail_times"] is not None:
+            key = str(xsim.get("key") or digest.hex())
+            seen = self.fail_counts.get(key, 0)
+            if seen >= xsim["fail_times"]:
+                return None
+            self.fail_counts[key] = seen + 1
+            return int(status) if status is not None and status != 200 else 503
+        if status is None or status == 200:
+            return None
+        return int(status)
+
+    def _rate_limited(self, admission: _Admission, model: str) -> Response:
+        cfg = self.config
+        per = "sec" if cfg.limit_window == "second" else "min"
+        unit = f"{admission.kind} per {per} ({'R' if admission.kind == 'requests' else 'T'}"
+        unit += "PS)" if per == "sec" else "PM)"
+        if admission.too_large:
+            message = (
+                f"Request too large for {model} in organization org-sim on {unit}: "
+                f"Limit {admission.limit}, Requested {admission.requested}. The input or output "
+                "tokens must be reduced in order to run successfully."
+            )
+        else:
+            message = (
+                f"Rate limit reached for {unit} on {model} in organization org-sim: "
+                f"Limit {admission.limit}, Used {admission.used}, Requested "
+                f"{admission.requested}. Please try again in "
+                f"{_seconds_text(math.ceil(admission.retry_after * 1000) / 1000)}s."
+            )
+        headers = dict(admission.headers)
+        headers["retry-after"] = str(max(1, math.ceil(admission.retry_after)))
+        headers["retry-after-ms"] = str(max(1, math.ceil(admission.retry_after * 1000)))
+        body = _error_body(message, admission.kind, None, "rate_limit_exceeded")
+        return _json_response(body, 429, headers)
+
+    def _answer(
+        self,
+        req: _ChatRequest,
+        digest: bytes,
+        prompt_tokens: int,
+        call: _Call,
+        limit_headers: Mapping[str, str],
+    ) -> Response:
+        finish_reason = "stop"
+        tool_call: dict[str, Any] | None = None
+        content: str | None = None
+        if req.tool is not None:
+            name = req.tool["name"]
+            arguments = json.dumps(
+                _sample_value(req.tool.get("parameters") or {"type": "object"}) or {},
+                separators=(",", ":"),
+            )
+            tool_call = {
+                "id": "call_" + digest.hex()[8:32],
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+            completion_tokens = count_text_tokens(name) + count_text_tokens(arguments)
+            finish_reason = "tool_calls"
+        else:
+            target = 16 + int.from_bytes(digest[8:12], "big") % 49
+            content = _reply_content(digest, target, req.json_mode)
+            if req.max_out is not None and count_text_tokens(content) > req.max_out:
+                content = _truncate_to_tokens(content, req.max_out)
+                finish_reason = "length"
+            completion_tokens = count_text_tokens(content)
+
+        total_completion = completion_tokens * req.n
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": total_completion,
+            "total_tokens": prompt_tokens + total_completion,
+        }
+        call.prompt_tokens, call.completion_tokens = prompt_tokens, total_completion
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        headers = dict(limit_headers)
+        if req.stream:
+            chunks = _stream_chunks(
+                completion_id, created, req, content, tool_call, finish_reason, usage
+            )
+            headers["cache-control"] = "no-cache"
+            delay = self.config.stream_chunk_delay
+            if delay <= 0:
+                # Nothing to pace: one body write is much cheaper than a streaming response.
+                return Response(b"".join(chunks), 200, headers, media_type="text/event-stream")
+            return _PacedStream(chunks, delay, headers)
+
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if tool_call is not None:
+            message["tool_calls"] = [tool_call]
+        choices = [
+            {"index": i, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            for i in range(req.n)
+        ]
+        data = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": "fp_sim",
+            "choices": choices,
+            "usage": usage,
+        }
+        return Response(_dumps(data), 200, headers, media_type="application/json")
+
+
+def _split_pieces(text: str, per_piece: int = 3) -> list[str]:
+    """Split text into a few-words pieces whose concatenation is exactly text."""
+    tokens = _PIECE_RE.findall(text)
+    return ["".join(tokens[i : i + per_piece]) for i in range(0, len(tokens), per_piece)]
+
+
+def _stream_chunks(
+    completion_id: str,
+    created: int,
+    req: _ChatRequest,
+    content: str | None,
+    tool_call: dict[str, Any] | None,
+    finish_reason: str,
+    usage: dict[str, int],
+) -> list[bytes]:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": "fp_sim",
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
+        }
+        if req.include_usage:
+            data["usage"] = None
+        return b"data: " + _dumps(data) + b"\n\n"
+
+    out: list[bytes] = []
+    for index in range(req.n):
+        if tool_call is not None:
+            fn = tool_call["function"]
+            head = {
+                "index": 0,
+                "id": tool_call["id"],
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": ""},
+            }
+            out.append(chunk(index, {"role": "assistant", "content": None, "tool_calls": [head]}))
+            arguments = fn["arguments"]
+            for start in range(0, len(arguments), 8):
+                fragment = {"index": 0, "function": {"arguments": arguments[start : start + 8]}}
+                out.append(chunk(index, {"tool_calls": [fragment]}))
+        else:
+            out.append(chunk(index, {"role": "assistant", "content": ""}))
+            out.extend(chunk(index, {"content": piece}) for piece in _split_pieces(content or ""))
+        out.append(chunk(index, {}, finish_reason))
+    if req.include_usage:
+        final = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": req.model,
+            "system_fingerprint": "fp_sim",
+            "choices": [],
+            "usage": usage,
+        }
+        out.append(b"data: " + _dumps(final) + b"\n\n")
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# App
+
+
+def create_app(
+    config: SimConfig | None = None, *, clock: Callable[[], float] | None = None
+) -> Starlette:
+    """The simulator ASGI app; `clock` (monotonic seconds) lets tests drive the rate limiter."""
+    sim = Simulator(config or SimConfig(), clock)
+    completions = _CompletionsEndpoint(sim)
+
+    async def models(request: Request) -> Response:
+        if sim.config.api_key is not None:
+            denied = sim._check_auth(request.headers.get("authorization"), sim.config.api_key)
+            if denied is not None:
+                return denied
+        data = [
+            {"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+            for model in MODELS
+        ]
+        return _json_response({"object": "list", "data": data})
+
+    async def healthz(request: Request) -> Response:
+        return _json_response({"ok": True})
+
+    async def stats(request: Request) -> Response:
+        return _json_response(sim.stats_dict())
+
+    async def calls(request: Request) -> Response:
+        raw = request.query_params.get("limit", str(DEFAULT_CALLS_LIMIT))
+        try:
+            limit = int(raw)
+        except ValueError:
+            return _invalid(f"Invalid 'limit': {raw!r} is not an integer.", "limit")
+        return _json_response(sim.recent_calls(limit))
+
+    async def reset(request: Request) -> Response:
+        restore = request.query_params.get("config", "").lower() in ("1", "true", "yes")
+        sim.reset(restore_config=restore)
+        return _json_response({"ok": True, "config": sim.config.to_dict()})
+
+    async def config_endpoint(request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                changes = json.loads(await request.body() or b"{}")
+            except ValueError:
+                return _invalid("Invalid JSON body.")
+            if not isinstance(changes, dict):
+                return _invalid("Expected a JSON object of simulator settings.")
+            try:
+                sim.update_config(changes)
+            except (TypeError, ValueError) as exc:
+                return _invalid(str(exc))
+        return _json_response(sim.config.to_dict())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        if status == 405:
+            message = f"Method {request.method} not allowed on {request.url.path}."
+        else:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        return _error_response(status, message, "invalid_request_error")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", completions, methods=["POST"]),
+            Route("/chat/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/models", models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/_sim/stats", stats, methods=["GET"]),
+            Route("/_sim/calls", calls, methods=["GET"]),
+            Route("/_sim/reset", reset, methods=["POST"]),
+            Route("/_sim/config", config_endpoint, methods=["GET", "POST"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
+    app.state.simulator = sim
+    return app
+
+
+def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8100) -> None:
+    """Run the simulator with uvicorn until interrupted (blocking)."""
+    uvicorn.run(
+        create_app(config),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        # Benchmarks open thousands of connections at once and keep pools idle between phases.
+        backlog=4096,
+        timeout_keep_alive=65,
+        lifespan="off",
+        ws="none",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m chatjobs.simulator [--host H] [--port P] [--latency S] ...`."""
+    parser = argparse.ArgumentParser(prog="python -m chatjobs.simulator", description=__doc__)
+    add_arguments(parser, server_options=True)
+    ns = parser.parse_args(argv)
+    try:
+        config = config_from_args(ns)
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(config, ns.host, ns.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""The httpx client for an OpenAI-compatible POST {base_url}/chat/completions.
+
+Maps every failure to an UpstreamError subclass; a streamed answer is assembled into the same
+``chat.completion`` object a non-streamed call returns.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from chatjobs.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamMalformedResponse,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from chatjobs.settings import Settings, get_settings
+
+DeltaCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A successful call: the chat.completion object and what the call log needs."""
+
+    body: dict[str, Any]
+    usage: dict[str, int]
+    status_code: int
+    request_id: str | None
+    latency_ms: int
+
+
+_client: httpx.Client | None = None
+_client_pid: int | None = None
+
+
+def get_client(settings: Settings | None = None) -> httpx.Client:
+    """One client per process, sized for the worker's concurrency (rebuilt after a fork)."""
+    global _client, _client_pid
+    if _client is None or _client_pid != os.getpid():
+        settings = settings or get_settings()
+        _client = build_client(settings)
+        _client_pid = os.getpid()
+    return _client
+
+
+def build_client(settings: Settings) -> httpx.Client:
+    headers = {"content-type": "application/json"}
+    key = settings.upstream_api_key.get_secret_value()
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    slots = settings.worker_concurrency
+    return httpx.Client(
+        base_url=settings.upstream_base_url.rstrip("/"),
+        headers=headers,
+        timeout=httpx.Timeout(
+            connect=settings.upstream_connect_timeout,
+            read=settings.upstream_read_timeout,
+            write=30.0,
+            pool=settings.upstream_connect_timeout,
+        ),
+        limits=httpx.Limits(max_connections=slots, max_keepalive_connections=slots),
+        follow_redirects=False,
+    )
+
+
+def chat_completion(
+    request: dict[str, Any],
+    *,
+    model: str,
+    client: httpx.Client | None = None,
+    on_delta: DeltaCallback | None = None,
+) -> Completion:
+    """Send one chat-completion request; raises an UpstreamError on any failure."""
+    client = client or get_client()
+    body = {**request, "model": model}
+    started = time.monotonic()
+    try:
+        if body.get("stream"):
+            options = dict(body.get("stream_options") or {})
+            options["include_usage"] = True
+            body["stream_options"] = options
+            with client.stream("POST", "/chat/completions", json=body) as response:
+                _raise_for_status(response, read=True)
+                completion = assemble_stream(response.iter_lines(), on_delta=on_delta)
+        else:
+            response = client.post("/chat/completions", json=body)
+            _raise_for_status(response, read=False)
+            completion = _parse_completion(response)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise UpstreamConnectionError(f"upstream connection failed: {exc!r}") from exc
+    usage = _usage(completion)
+    return Completion(
+        body=completion,
+        usage=usage,
+        status_code=response.status_code,
+        request_id=response.headers.get("x-request-id"),
+        latency_ms=int((time.monotonic() - started) * 1000),
+    )
+
+
+def _raise_for_status(response: httpx.Response, *, read: bool) -> None:
+    if response.is_success:
+        return
+    if read:
+        response.read()
+    message, code = _error_detail(response)
+    raise UpstreamStatusError(
+        f"upstream answered {response.status_code}: {message}",
+        status_code=response.status_code,
+        code=code,
+        request_id=response.headers.get("x-request-id"),
+        retry_after=retry_after(response.headers),
+    )
+
+
+def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase, None
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error), error.get("code") or error.get("type")
+    return json.dumps(payload)[:500], None
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date)."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+def _parse_completion(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise UpstreamMalformedResponse(
+            f"upstream answered {response.status_code} with a body that is not JSON: "
+            f"{response.text[:200]!r}",
+            status_code=response.status_code,
+            request_id=response.headers.get("x-request-id"),
+        ) from exc
+    if not isinstance(body, dict) or not body.get("choices"):
+        raise UpstreamMalformedResponse(
+            f"upstream answered {response.status_code} with JSON that has no choices",
+            status_code=response.status_code,
+            request_id=response.headers.get("x-request-id"),
+        )
+    return body
+
+
+def _usage(completion: dict[str, Any]) -> dict[str, int]:
+    usage = completion.get("usage") or {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion_tokens = int(usage.get("completion_tokens") or 0)
+    total = int(usage.get("total_tokens") or prompt + completion_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": total}
+
+
+def assemble_stream(lines: Any, *, on_delta: DeltaCallback | None = None) -> dict[str, Any]:
+    """Fold a chat.completion.chunk event stream into one chat.completion object."""
+    head: dict[str, Any] = {}
+    choices: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] | None = None
+    done = False
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
+            break
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise UpstreamMalformedResponse(f"stream chunk is not JSON: {data[:200]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise UpstreamMalformedResponse(f"stream chunk is not an object: {data[:200]!r}")
+        if "error" in chunk:
+            raise UpstreamMalformedResponse(f"upstream sent an error mid-stream: {chunk['error']}")
+        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            if key in chunk and key not in head:
+                head[key] = chunk[key]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for delta_choice in chunk.get("choices") or []:
+            _fold_choice(choices, delta_choice)
+            if on_delta is not None:
+                on_delta(delta_choice)
+    if not done:
+        raise UpstreamConnectionError("stream ended before data: [DONE]")
+    if not choices:
+        raise UpstreamMalformedResponse("stream carried no choices")
+    return {
+        "id": head.get("id"),
+        "object": "chat.completion",
+        "created": head.get("created"),
+        "model": head.get("model"),
+        **{k: head[k] for k in ("system_fingerprint", "service_tier") if k in head},
+        "choices": [_finish_choice(choices[i]) for i in sorted(choices)],
+        "usage": usage,
+    }
+
+
+def _fold_choice(choices: dict[int, dict[str, Any]], delta_choice: dict[str, Any]) -> None:
+    index = int(delta_choice.get("index", 0))
+    choice = choices.setdefault(
+        index,
+        {
+            "index": index,
+            "message": {"role": "assistant"},
+            "finish_reason": None,
+            "logprobs": None,
+            "tool_calls": {},
+        },
+    )
+    delta = delta_choice.get("delta") or {}
+    message = choice["message"]
+    if delta.get("role"):
+        message["role"] = delta["role"]
+    for key in ("content", "refusal"):
+        if delta.get(key) is not None:
+            message[key] = (message.get(key) or "") + delta[key]
+    for call in delta.get("tool_calls") or []:
+        slot = choice["tool_calls"].setdefault(
+            int(call.get("index", 0)), {"type": "function", "function": {"arguments": ""}}
+        )
+        if call.get("id"):
+            slot["id"] = call["id"]
+        if call.get("type"):
+            slot["type"] = call["type"]
+        function = call.get("function") or {}
+        if function.get("name"):
+            slot["function"]["name"] = function["name"]
+        slot["function"]["arguments"] += function.get("arguments") or ""
+    if delta_choice.get("finish_reason"):
+        choice["finish_reason"] = delta_choice["finish_reason"]
+    logprobs = delta_choice.get("logprobs")
+    if logprobs and logprobs.get("content"):
+        held = choice["logprobs"] or {"content": []}
+        held["content"].extend(logprobs["content"])
+        choice["logprobs"] = held
+
+
+def _finish_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    message = choice["message"]
+    # The shape of a non-streamed message: both keys present, null when unused.
+    message.setdefault("content", None)
+    message.setdefault("refusal", None)
+    calls = choice.pop("tool_calls")
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return choice
+
+
+__all__ = ["Completion", "UpstreamError", "assemble_stream", "chat_completion", "get_client"]

@@ -1,0 +1,163 @@
+"""Fixtures: a fresh database, and the real api, worker and simulator processes.
+
+One database and one set of processes serve the whole session; tests isolate themselves by
+creating their own tenant. Redis keys live in a database number of their own, flushed first.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from tests.support import Proc, free_port, python_cli, wait_http
+
+PG_ADMIN = os.environ.get("CHATJOBS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
+REDIS = os.environ.get("CHATJOBS_TEST_REDIS", "redis://127.0.0.1:6379/13")
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("procs")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database of its own, migrated to head, dropped at the end."""
+    from chatjobs import migrate
+
+    name = f"chatjobs_test_{uuid.uuid4().hex[:10]}"
+    url = f"{PG_ADMIN}/{name}"
+    migrate.upgrade(url)
+    yield url
+    admin = create_engine(f"{PG_ADMIN}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def simulator(run_dir: Path) -> Iterator[str]:
+    """The upstream simulator over real HTTP; yields its base URL (…/v1)."""
+    port = free_port()
+    proc = Proc(
+        "simulator",
+        python_cli("simulate", "--port", str(port)),
+        dict(os.environ),
+        run_dir / "simulator.log",
+    ).start()
+    base = f"http://127.0.0.1:{port}"
+    wait_http(f"{base}/healthz", proc=proc)
+    yield f"{base}/v1"
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def stack_env(database_url: str, simulator: str) -> Iterator[dict[str, str]]:
+    """The environment every chatjobs process of the session runs with."""
+    import redis
+
+    redis.Redis.from_url(REDIS).flushdb()
+    env = {
+        **os.environ,
+        "CHATJOBS_DATABASE_URL": database_url,
+        "CHATJOBS_REDIS_URL": REDIS,
+        "CHATJOBS_UPSTREAM_BASE_URL": simulator,
+        "CHATJOBS_UPSTREAM_API_KEY": "sk-test-upstream",
+        "CHATJOBS_QUEUE_NAME": f"chatjobs-test-{uuid.uuid4().hex[:6]}",
+        "CHATJOBS_RETRY_BASE_SECONDS": "0.2",
+        "CHATJOBS_RETRY_CAP_SECONDS": "1",
+        "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.2",
+        "CHATJOBS_WORKER_CONCURRENCY": "16",
+    }
+    saved = dict(os.environ)
+    os.environ.update(env)
+    _reset_settings()
+    yield env
+    os.environ.clear()
+    os.environ.update(saved)
+    _reset_settings()
+
+
+def _reset_settings() -> None:
+    from chatjobs.db import reset_engine
+    from chatjobs.queue import get_producer
+    from chatjobs.settings import get_settings
+
+    get_settings.cache_clear()
+    get_producer.cache_clear()
+    reset_engine()
+
+
+@pytest.fixture(scope="session")
+def api_url(stack_env: dict[str, str], run_dir: Path) -> Iterator[str]:
+    port = free_port()
+    proc = Proc(
+        "api",
+        python_cli("api", "--host", "127.0.0.1", "--port", str(port)),
+        stack_env,
+        run_dir / "api.log",
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", proc=proc)
+    yield url
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def worker(stack_env: dict[str, str], run_dir: Path) -> Iterator[Proc]:
+    """One Celery worker process and one beat, as `make run` starts them."""
+    worker = Proc(
+        "worker", python_cli("worker", "--loglevel", "INFO"), stack_env, run_dir / "worker.log"
+    ).start()
+    beat = Proc("beat", python_cli("beat"), stack_env, run_dir / "beat.log").start()
+    yield worker
+    beat.stop()
+    worker.stop()
+
+
+def new_key(tenant: str | None = None) -> str:
+    from chatjobs.db import session_scope
+    from chatjobs.tenants import create_key
+
+    with session_scope() as session:
+        return create_key(session=session, tenant_name=tenant or f"t-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def api_key(stack_env: dict[str, str]) -> str:
+    return new_key()
+
+
+@pytest.fixture
+def client(api_url: str, api_key: str) -> Iterator[httpx.Client]:
+    """An HTTP client for the API, authenticated as a fresh tenant."""
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+def sim(simulator: str) -> Iterator[httpx.Client]:
+    """A client for the simulator's admin endpoints; its config is reset after each test."""
+    with httpx.Client(base_url=simulator.removesuffix("/v1"), timeout=10) as c:
+        yield c
+        c.post(
+            "/_sim/config",
+            json={
+                "latency": 0.0,
+                "rpm": None,
+                "tpm": None,
+                "error_rate": 0.0,
+                "timeout_rate": 0.0,
+                "malformed_rate": 0.0,
+                "context_window": None,
+            },
+        )

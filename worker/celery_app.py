@@ -1,0 +1,28 @@
+"""The worker's Celery app: the shared configuration plus tasks and the beat schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_process_init
+
+from chatjobs.db import reset_engine
+from chatjobs.queue import make_celery
+from chatjobs.settings import get_settings
+
+app = make_celery()
+app.conf.include = ["worker.tasks"]
+app.conf.beat_schedule = {
+    "dispatch-due": {
+        "task": "chatjobs.dispatch_due",
+        "schedule": get_settings().dispatch_interval_seconds,
+        # A tick that waits in the queue longer than the interval is already superseded.
+        "options": {"expires": max(1.0, get_settings().dispatch_interval_seconds * 5)},
+    },
+}
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: Any) -> None:
+    # A forked pool process must not share the parent's database sockets.
+    reset_engine(after_fork=True)

@@ -1,0 +1,20 @@
+"""Celery tasks: thin wrappers that take ids and call worker.execute."""
+
+from __future__ import annotations
+
+import uuid
+
+from worker import execute
+from worker.celery_app import app
+
+
+@app.task(name="chatjobs.run_job", ignore_result=True)
+def run_job(job_id: str) -> None:
+    """Run one attempt of a job (a redelivered message claims nothing and returns)."""
+    execute.run_job(uuid.UUID(job_id))
+
+
+@app.task(name="chatjobs.dispatch_due", ignore_result=True)
+def dispatch_due() -> int:
+    """Publish every job whose retry delay is over."""
+    return execute.dispatch_due()
