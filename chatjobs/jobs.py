@@ -65,9 +65,9 @@ def create_job(
     stmt = insert(Job).values(**values)
     if idempotency_key is not None:
         stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_tenant_idempotency_key")
-    inserted = session.execute(stmt.returning(Job.id)).scalar()
+    inserted = session.scalars(stmt.returning(Job)).one_or_none()
     if inserted is not None:
-        return session.get_one(Job, inserted), True
+        return inserted, True
     existing = session.scalars(
         select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
     ).one()

@@ -297,8 +297,7 @@ def _word_bytes(digest: bytes) -> bytes:
 def _render_reply(digest: bytes, words: int, json_mode: bool) -> str:
     pool = _word_bytes(digest)
     picked = " ".join(_VOCAB[pool[i % len(pool)] % len(_VOCAB)] for i in range(words))
-    text = f"Simulated reply {digest.hex()[:8]}: {picked}"
-    text += "."
+    text = f"Simulated reply {digest.hex()[:8]}: {picked}."
     return json.dumps({"reply": text}) if json_mode else text
 
 
@@ -416,7 +415,7 @@ def _fmt_duration(seconds: float) -> str:
     if ms < 1000:
         return f"{ms}ms"
     minutes, rest = divmod(ms, 60_000)
-    secs = _seconds_text(rest / 1000) or "0"
+    secs = _seconds_text(rest / 1000)
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
@@ -919,18 +918,26 @@ class Simulator:
             if response is None:
                 status = CLIENT_CLOSED
                 return
+            # One id per call, shared by the header and the call log.
             response.headers["x-request-id"] = call.request_id
             if response.status_code >= 400 and call.xsim:
                 self._xsim_retry_headers(response, call.xsim)
             status = response.status_code
             await response(scope, receive, send)
         finally:
-            # reset() may have swapped self.stats meanwhile; the live object gets the decrement.
+            # reset() carries in_flight over to the new stats, so the live object is decremented;
+            # the outcome belongs to the pre-reset era, though, and is dropped with it.
             self.stats.in_flight = max(0, self.stats.in_flight - 1)
-            self._account(status, call)
-            self.calls.append(
-                {"t": arrival, "status": status, "body": call.body, "request_id": call.request_id}
-            )
+            if self.stats is stats:
+                self._account(status, call)
+                self.calls.append(
+                    {
+                        "t": arrival,
+                        "status": status,
+                        "body": call.body,
+                        "request_id": call.request_id,
+                    }
+                )
 
     @staticmethod
     def _xsim_retry_headers(response: Response, xsim: Mapping[str, Any]) -> None:
@@ -966,12 +973,12 @@ class Simulator:
         try:
             body = json.loads(raw)
         except ValueError:
-            call.body = raw.decode("utf-8", "replace")
             body = None
             parse_failed = True
         else:
-            call.body = body
             parse_failed = False
+        # Always a dict, so call-log consumers can do `body.get(...)` without type checks.
+        call.body = body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")}
 
         if cfg.api_key is not None:
             denied = self._check_auth(request.headers.get("authorization"), cfg.api_key)

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from tests.support import Proc, free_port, python_cli, wait_http
+from chatjobs.testing import Proc, free_port, python_cli, wait_http
 
 PG_ADMIN = os.environ.get("CHATJOBS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS = os.environ.get("CHATJOBS_TEST_REDIS", "redis://127.0.0.1:6379/13")

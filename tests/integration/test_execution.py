@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
+from chatjobs.testing import Proc, free_port, python_cli, wait_http, wait_job
 from tests.conftest import REDIS
-from tests.support import Proc, free_port, python_cli, wait_http, wait_job
 
 pytestmark = pytest.mark.integration
 

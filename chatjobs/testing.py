@@ -1,4 +1,4 @@
-"""Starting and stopping the real processes tests run against."""
+"""Starting and stopping real chatjobs processes, for the test suite and the benchmarks."""
 
 from __future__ import annotations
 
