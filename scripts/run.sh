@@ -21,6 +21,7 @@ stop() {
   echo "stopping ${#pids[@]} processes..."
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  exit 0
 }
 trap stop INT TERM EXIT
 
@@ -69,4 +70,4 @@ Poll it (put the id from the answer in JOB):
 Ctrl-C stops everything.
 EOT
 wait -n "${pids[@]}" || true
-echo "a process exited; see $LOGS/*.log"
+echo "a process exited on its own; see $LOGS/*.log"
