@@ -323,7 +323,7 @@ def test_request_validation() -> None:
             stats = (await client.get("/_sim/stats")).json()
             calls = (await client.get("/_sim/calls")).json()
         # Unparseable or non-object bodies are logged raw, still inside a dict.
-        assert [c["body"] for c in calls[:2]] == [{"_raw": "{nope"}, {"_raw": "[1, 2]"}]
+        assert [c["body"] for c in calls[:2]] == [{"_raw": "{nope"}, {"_raw": "[1,2]"}]
         for response in (not_json, not_object, missing, empty, bad_role, bad_max, bad_xsim):
             assert_openai_error(response, 400)
             assert response.json()["error"]["type"] == "invalid_request_error"
