@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatjobs.errors import AuthenticationFailed, ChatJobsError, Conflict, NotFound
 
@@ -22,6 +23,8 @@ def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
+    if loc[:1] == ("body",) and all(isinstance(p, int) for p in loc[1:]):
+        return "body"  # the body itself, e.g. JSON that does not parse
     parts = [str(p) for p in loc if p not in ("body",)]
     out = ""
     for part in parts:
@@ -63,6 +66,17 @@ def _chatjobs_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=500, content=error_body("internal_error", "internal error"))
 
 
+def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        status_code=exc.status_code,
+        content=error_body(type_, str(exc.detail)),
+        headers=getattr(exc, "headers", None),
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ChatJobsError, _chatjobs_error)

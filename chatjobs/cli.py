@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 
@@ -46,8 +44,7 @@ def _worker(ns: argparse.Namespace) -> None:
 def _beat(ns: argparse.Namespace) -> None:
     from worker import app
 
-    schedule = os.path.join(tempfile.gettempdir(), f"chatjobs-beat-{os.getuid()}")
-    app.start(["beat", f"--loglevel={ns.loglevel}", f"--schedule={schedule}"])
+    app.start(["beat", f"--loglevel={ns.loglevel}"])
 
 
 def _migrate(ns: argparse.Namespace) -> None:

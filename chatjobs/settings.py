@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     retry_after_cap_seconds: float = Field(600.0, gt=0)
     dispatch_interval_seconds: float = Field(1.0, gt=0)
     job_deadline_seconds: float = Field(24 * 3600.0, gt=0)
-    db_pool_size: int = Field(32, ge=1)
+    db_pool_size: int = Field(16, ge=1)
 
     @field_validator("database_url")
     @classmethod

@@ -12,6 +12,9 @@ from chatjobs.settings import get_settings
 
 app = make_celery()
 app.conf.include = ["worker.tasks"]
+# Beat only drives short periodic ticks whose state lives in Postgres; an in-memory schedule
+# avoids a schedule file that two beats on one host would fight over.
+app.conf.beat_scheduler = "celery.beat:Scheduler"
 app.conf.beat_schedule = {
     "dispatch-due": {
         "task": "chatjobs.dispatch_due",

@@ -150,6 +150,13 @@ def test_body_that_is_not_json_is_a_422(client: httpx.Client) -> None:
     )
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["param"] == "body"
+
+
+def test_unknown_route_answers_in_the_error_envelope(client: httpx.Client) -> None:
+    response = client.get("/v1/nothing-here")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found"
 
 
 def test_unknown_job_field_is_rejected(client: httpx.Client) -> None:
