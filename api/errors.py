@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatjobs.errors import AuthenticationFailed, ChatJobsError, Conflict, NotFound
@@ -76,7 +77,17 @@ def _http_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _database_error(_: Request, exc: Exception) -> JSONResponse:
+    # Postgres unreachable or restarting: a transient condition the client can retry.
+    return JSONResponse(
+        status_code=503,
+        content=error_body("service_unavailable", "the database is unavailable; retry shortly"),
+        headers={"retry-after": "1"},
+    )
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(OperationalError, _database_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ChatJobsError, _chatjobs_error)

@@ -36,6 +36,13 @@ class AuthenticationFailed(ChatJobsError):
     """The API key is missing, malformed or unknown."""
 
 
+# --- the worker's hold on a job -------------------------------------------------------
+
+
+class LeaseLost(ChatJobsError):
+    """The job was cancelled, expired or re-run elsewhere while this worker's call ran."""
+
+
 # --- the upstream provider ------------------------------------------------------------
 
 

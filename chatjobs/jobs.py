@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -143,8 +144,9 @@ class Claim:
     max_attempts: int
 
 
-def claim_job(*, session: Session, job_id: uuid.UUID) -> Claim | None:
-    """Move a due job to running and take its lease; None if someone else has it or it is done."""
+def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | None:
+    """Move a due job to running and take its lease; None if someone else has it, it is
+    finished, not yet due, or past its deadline (the reconciler expires it)."""
     lease = timedelta(seconds=get_settings().lease_seconds)
     row = session.execute(
         update(Job)
@@ -152,6 +154,7 @@ def claim_job(*, session: Session, job_id: uuid.UUID) -> Claim | None:
             Job.id == job_id,
             Job.status.in_(_PENDING),
             (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= func.now()),
+            (Job.deadline.is_(None)) | (Job.deadline > func.now()),
         )
         .values(
             status=JobStatus.running,
@@ -159,6 +162,7 @@ def claim_job(*, session: Session, job_id: uuid.UUID) -> Claim | None:
             started_at=func.coalesce(Job.started_at, func.now()),
             lease_expires_at=func.now() + lease,
             next_attempt_at=None,
+            claimed_by=worker,
             updated_at=func.now(),
         )
         .returning(Job.id, Job.attempts, Job.model, Job.request, Job.max_attempts)
@@ -175,6 +179,30 @@ def claim_job(*, session: Session, job_id: uuid.UUID) -> Claim | None:
     )
 
 
+def renew_leases(
+    *, session: Session, held: Collection[tuple[uuid.UUID, int]]
+) -> set[tuple[uuid.UUID, int]]:
+    """Extend the leases a worker still holds; returns those it still holds.
+
+    A job missing from the answer was cancelled, expired, or re-run after this worker's
+    lease ran out: its call should be abandoned.
+    """
+    if not held:
+        return set()
+    lease = timedelta(seconds=get_settings().lease_seconds)
+    rows = session.execute(
+        update(Job)
+        .where(
+            tuple_(Job.id, Job.attempts).in_(list(held)),
+            Job.status == JobStatus.running,
+        )
+        .values(lease_expires_at=func.now() + lease)
+        .returning(Job.id, Job.attempts)
+        .execution_options(synchronize_session=False)
+    ).all()
+    return {(row.id, row.attempts) for row in rows}
+
+
 def _fenced(job_id: uuid.UUID, attempt: int) -> Any:
     """The guard on every write a worker makes: still running, and still its attempt."""
     return update(Job).where(
@@ -182,45 +210,33 @@ def _fenced(job_id: uuid.UUID, attempt: int) -> Any:
     )
 
 
-def finish_succeeded(
-    *, session: Session, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
-) -> bool:
-    """Write the result once. The job's usage is the sum over every call it made."""
-    usage = _summed_usage(session=session, job_id=job_id)
-    row = session.execute(
+def _finish(job_id: uuid.UUID, attempt: int, **values: Any) -> Any:
+    return (
         _fenced(job_id, attempt)
         .values(
-            status=JobStatus.succeeded,
-            result=result,
-            error=None,
             completed_at=func.now(),
             updated_at=func.now(),
             lease_expires_at=None,
-            **usage,
+            **values,
         )
         .returning(Job.id)
-    ).one_or_none()
-    return row is not None
+    )
+
+
+def finish_succeeded(
+    *, session: Session, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
+) -> bool:
+    """Write the result once; False if this attempt no longer holds the job."""
+    stmt = _finish(job_id, attempt, status=JobStatus.succeeded, result=result, error=None)
+    return session.execute(stmt).one_or_none() is not None
 
 
 def finish_failed(
     *, session: Session, job_id: uuid.UUID, attempt: int, error: UpstreamError
 ) -> bool:
     """Mark the job failed with the upstream's error."""
-    usage = _summed_usage(session=session, job_id=job_id)
-    row = session.execute(
-        _fenced(job_id, attempt)
-        .values(
-            status=JobStatus.failed,
-            error=error_record(error),
-            completed_at=func.now(),
-            updated_at=func.now(),
-            lease_expires_at=None,
-            **usage,
-        )
-        .returning(Job.id)
-    ).one_or_none()
-    return row is not None
+    stmt = _finish(job_id, attempt, status=JobStatus.failed, error=error_record(error))
+    return session.execute(stmt).one_or_none() is not None
 
 
 def schedule_retry(
@@ -265,6 +281,100 @@ def take_due(*, session: Session, limit: int = 1000) -> list[uuid.UUID]:
     )
 
 
+@dataclass(frozen=True)
+class Reconciled:
+    """What one reconciler pass changed."""
+
+    expired: int
+    requeued_lost_lease: int
+    failed_lost_lease: int
+    republished: int
+
+
+def reconcile(*, session: Session) -> Reconciled:
+    """Repair what crashes and lost messages leave behind; each step one UPDATE.
+
+    - jobs past their deadline end expired (a running one's worker abandons its call at the
+      next heartbeat);
+    - running jobs whose lease ran out (the worker died) go back to retrying, or end failed
+      once the crash has used their last attempt;
+    - queued or retrying jobs that nobody has touched for ``stale_queued_seconds`` (their
+      message was lost: Redis restarted, or the publish after commit failed) are made due,
+      so the dispatcher publishes them again.
+    """
+    settings = get_settings()
+    expired = session.execute(
+        update(Job)
+        .where(Job.status.in_(_CANCELLABLE), Job.deadline < func.now())
+        .values(
+            status=JobStatus.expired,
+            completed_at=func.now(),
+            updated_at=func.now(),
+            next_attempt_at=None,
+            lease_expires_at=None,
+            error=func.jsonb_build_object(
+                "type",
+                "deadline_exceeded",
+                "message",
+                "the job did not finish before its deadline",
+            ),
+        )
+        .returning(Job.id)
+    ).all()
+    lost = (Job.status == JobStatus.running, Job.lease_expires_at < func.now())
+    lost_message = func.concat(
+        "the worker running attempt ",
+        Job.attempts,
+        " stopped renewing its lease (crashed, killed or cut off)",
+    )
+    requeued = session.execute(
+        update(Job)
+        .where(*lost, Job.attempts < Job.max_attempts)
+        .values(
+            status=JobStatus.retrying,
+            next_attempt_at=func.now(),
+            lease_expires_at=None,
+            updated_at=func.now(),
+            error=func.jsonb_build_object("type", "worker_lost", "message", lost_message),
+        )
+        .returning(Job.id)
+    ).all()
+    failed = session.execute(
+        update(Job)
+        .where(*lost, Job.attempts >= Job.max_attempts)
+        .values(
+            status=JobStatus.failed,
+            completed_at=func.now(),
+            lease_expires_at=None,
+            updated_at=func.now(),
+            error=func.jsonb_build_object(
+                "type",
+                "worker_lost",
+                "message",
+                func.concat(lost_message, "; no attempts left"),
+            ),
+        )
+        .returning(Job.id)
+    ).all()
+    stale_before = func.now() - timedelta(seconds=settings.stale_queued_seconds)
+    republished = session.execute(
+        update(Job)
+        .where(
+            Job.status.in_(_PENDING),
+            Job.next_attempt_at.is_(None),
+            Job.updated_at < stale_before,
+        )
+        .values(next_attempt_at=func.now(), updated_at=func.now())
+        .returning(Job.id)
+    ).all()
+    return Reconciled(
+        expired=len(expired),
+        requeued_lost_lease=len(requeued),
+        failed_lost_lease=len(failed),
+        republished=len(republished),
+    )
+
+
 def record_call(
     *,
     session: Session,
@@ -278,7 +388,11 @@ def record_call(
     request_id: str | None,
     error: str | None,
 ) -> None:
-    """Log one upstream call, whatever came of it."""
+    """Log one upstream call and add its tokens to the job's usage, whatever came of it.
+
+    Usage is added unfenced: a call that was made was paid for, even when its result is
+    refused because the job was cancelled or re-run meanwhile.
+    """
     usage = usage or {}
     session.add(
         UpstreamCall(
@@ -295,22 +409,18 @@ def record_call(
             error=error,
         )
     )
+    if usage:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                prompt_tokens=Job.prompt_tokens + usage.get("prompt_tokens", 0),
+                completion_tokens=Job.completion_tokens + usage.get("completion_tokens", 0),
+                total_tokens=Job.total_tokens + usage.get("total_tokens", 0),
+            )
+            .execution_options(synchronize_session=False)
+        )
     session.flush()
-
-
-def _summed_usage(*, session: Session, job_id: uuid.UUID) -> dict[str, int]:
-    row = session.execute(
-        select(
-            func.coalesce(func.sum(UpstreamCall.prompt_tokens), 0),
-            func.coalesce(func.sum(UpstreamCall.completion_tokens), 0),
-            func.coalesce(func.sum(UpstreamCall.total_tokens), 0),
-        ).where(UpstreamCall.job_id == job_id)
-    ).one()
-    return {
-        "prompt_tokens": int(row[0] or 0),
-        "completion_tokens": int(row[1] or 0),
-        "total_tokens": int(row[2] or 0),
-    }
 
 
 def error_record(error: UpstreamError) -> dict[str, Any]:

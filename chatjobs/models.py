@@ -96,6 +96,16 @@ class Job(Base):
             postgresql_where=text("status IN ('queued', 'retrying')"),
         ),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        Index(
+            "ix_jobs_stale",
+            "updated_at",
+            postgresql_where=text("status IN ('queued', 'retrying') AND next_attempt_at IS NULL"),
+        ),
+        Index(
+            "ix_jobs_deadline",
+            "deadline",
+            postgresql_where=text("status IN ('queued', 'retrying', 'running')"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
@@ -129,6 +139,9 @@ class Job(Base):
     deadline: Mapped[datetime | None] = mapped_column(_tz)
     next_attempt_at: Mapped[datetime | None] = mapped_column(_tz)
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
+    # The worker process (host:pid) holding the lease: for operators, and for tests that
+    # kill exactly that process.
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(_tz)

@@ -38,6 +38,9 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # on it (the reconciler re-enqueues from Postgres); it only bounds how long a message
         # of a dead worker lingers.
         broker_transport_options={"visibility_timeout": 3600},
+        # On SIGTERM, let running calls finish for this long before the cold shutdown hands
+        # their messages back; a call cut short is recovered by its lease anyway.
+        worker_soft_shutdown_timeout=settings.worker_shutdown_seconds,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

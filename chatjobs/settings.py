@@ -28,6 +28,10 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     lease_seconds: float = Field(60.0, gt=0)
+    heartbeat_seconds: float | None = Field(None, gt=0)
+    reconcile_interval_seconds: float = Field(5.0, gt=0)
+    stale_queued_seconds: float = Field(300.0, gt=0)
+    worker_shutdown_seconds: float = Field(30.0, ge=0)
     max_attempts: int = Field(6, ge=1)
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(300.0, gt=0)
@@ -53,6 +57,11 @@ class Settings(BaseSettings):
         if value not in {"threads", "prefork", "solo"}:
             raise ValueError("CHATJOBS_WORKER_POOL must be one of threads, prefork, solo")
         return value
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a worker renews its leases: a third of the lease unless set."""
+        return self.heartbeat_seconds or self.lease_seconds / 3
 
 
 @lru_cache

@@ -646,11 +646,12 @@ def _parse_xsim(value: object) -> dict[str, Any]:
         or not (status == 200 or 400 <= status <= 599)
     ):
         raise _BadRequest("Invalid 'x_sim.status': expected an HTTP status.", "x_sim")
-    fail_times = value.get("fail_times")
-    if fail_times is not None and (
-        isinstance(fail_times, bool) or not isinstance(fail_times, int) or fail_times < 0
-    ):
-        raise _BadRequest("Invalid 'x_sim.fail_times': expected an integer >= 0.", "x_sim")
+    for key in ("fail_times", "slow_times"):
+        times = value.get(key)
+        if times is not None and (
+            isinstance(times, bool) or not isinstance(times, int) or times < 0
+        ):
+            raise _BadRequest(f"Invalid 'x_sim.{key}': expected an integer >= 0.", "x_sim")
     hang = value.get("hang")
     if hang is not None and not isinstance(hang, bool | int | float):
         raise _BadRequest("Invalid 'x_sim.hang': expected a boolean or seconds.", "x_sim")
@@ -1034,7 +1035,7 @@ class Simulator:
         elif xsim_hang and not isinstance(xsim_hang, bool):
             hang = float(xsim_hang)
 
-        if xsim.get("latency") is not None:
+        if xsim.get("latency") is not None and self._still_slow(xsim, digest):
             delay = float(xsim["latency"])
         else:
             delay = cfg.latency
@@ -1074,6 +1075,16 @@ class Simulator:
             None,
             "invalid_api_key",
         )
+
+    def _still_slow(self, xsim: Mapping[str, Any], digest: bytes) -> bool:
+        """x_sim.latency applies to every call, or with slow_times only to the first k."""
+        limit = xsim.get("slow_times")
+        if limit is None:
+            return True
+        key = "slow:" + str(xsim.get("key") or digest.hex())
+        seen = self.fail_counts.get(key, 0)
+        self.fail_counts[key] = seen + 1
+        return bool(seen < int(limit))
 
     def _forced_status(self, xsim: Mapping[str, Any], digest: bytes) -> int | None:
         status = xsim.get("status")

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import email.utils
 import json
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +38,15 @@ class Completion:
     latency_ms: int
 
 
-_client: httpx.Client | None = None
-_client_pid: int | None = None
-
-
-def get_client(settings: Settings | None = None) -> httpx.Client:
-    """One client per process, sized for the worker's concurrency (rebuilt after a fork)."""
-    global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
-        settings = settings or get_settings()
-        _client = build_client(settings)
-        _client_pid = os.getpid()
-    return _client
-
-
-def build_client(settings: Settings) -> httpx.Client:
+def build_client(settings: Settings | None = None) -> httpx.AsyncClient:
+    """The client a worker process shares for all its calls, sized for its concurrency."""
+    settings = settings or get_settings()
     headers = {"content-type": "application/json"}
     key = settings.upstream_api_key.get_secret_value()
     if key:
         headers["authorization"] = f"Bearer {key}"
     slots = settings.worker_concurrency
-    return httpx.Client(
+    return httpx.AsyncClient(
         base_url=settings.upstream_base_url.rstrip("/"),
         headers=headers,
         timeout=httpx.Timeout(
@@ -73,15 +60,14 @@ def build_client(settings: Settings) -> httpx.Client:
     )
 
 
-def chat_completion(
+async def chat_completion(
     request: dict[str, Any],
     *,
     model: str,
-    client: httpx.Client | None = None,
+    client: httpx.AsyncClient,
     on_delta: DeltaCallback | None = None,
 ) -> Completion:
     """Send one chat-completion request; raises an UpstreamError on any failure."""
-    client = client or get_client()
     body = {**request, "model": model}
     started = time.monotonic()
     try:
@@ -89,12 +75,18 @@ def chat_completion(
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True
             body["stream_options"] = options
-            with client.stream("POST", "/chat/completions", json=body) as response:
-                _raise_for_status(response, read=True)
-                completion = assemble_stream(response.iter_lines(), on_delta=on_delta)
+            async with client.stream("POST", "/chat/completions", json=body) as response:
+                if not response.is_success:
+                    await response.aread()
+                _raise_for_status(response)
+                assembler = StreamAssembler(on_delta=on_delta)
+                async for line in response.aiter_lines():
+                    if assembler.feed(line):
+                        break
+                completion = assembler.result()
         else:
-            response = client.post("/chat/completions", json=body)
-            _raise_for_status(response, read=False)
+            response = await client.post("/chat/completions", json=body)
+            _raise_for_status(response)
             completion = _parse_completion(response)
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
@@ -110,11 +102,9 @@ def chat_completion(
     )
 
 
-def _raise_for_status(response: httpx.Response, *, read: bool) -> None:
+def _raise_for_status(response: httpx.Response) -> None:
     if response.is_success:
         return
-    if read:
-        response.read()
     message, code = _error_detail(response)
     raise UpstreamStatusError(
         f"upstream answered {response.status_code}: {message}",
@@ -182,19 +172,24 @@ def _usage(completion: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
-def assemble_stream(lines: Any, *, on_delta: DeltaCallback | None = None) -> dict[str, Any]:
-    """Fold a chat.completion.chunk event stream into one chat.completion object."""
-    head: dict[str, Any] = {}
-    choices: dict[int, dict[str, Any]] = {}
-    usage: dict[str, Any] | None = None
-    done = False
-    for line in lines:
+class StreamAssembler:
+    """Folds chat.completion.chunk events, line by line, into one chat.completion object."""
+
+    def __init__(self, *, on_delta: DeltaCallback | None = None) -> None:
+        self.on_delta = on_delta
+        self.head: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.usage: dict[str, Any] | None = None
+        self.done = False
+
+    def feed(self, line: str) -> bool:
+        """Take one line of the event stream; True once ``data: [DONE]`` has arrived."""
         if not line.startswith("data:"):
-            continue
+            return self.done
         data = line[5:].strip()
         if data == "[DONE]":
-            done = True
-            break
+            self.done = True
+            return True
         try:
             chunk = json.loads(data)
         except ValueError as exc:
@@ -204,27 +199,42 @@ def assemble_stream(lines: Any, *, on_delta: DeltaCallback | None = None) -> dic
         if "error" in chunk:
             raise UpstreamMalformedResponse(f"upstream sent an error mid-stream: {chunk['error']}")
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
-            if key in chunk and key not in head:
-                head[key] = chunk[key]
+            if key in chunk and key not in self.head:
+                self.head[key] = chunk[key]
         if chunk.get("usage"):
-            usage = chunk["usage"]
+            self.usage = chunk["usage"]
         for delta_choice in chunk.get("choices") or []:
-            _fold_choice(choices, delta_choice)
-            if on_delta is not None:
-                on_delta(delta_choice)
-    if not done:
-        raise UpstreamConnectionError("stream ended before data: [DONE]")
-    if not choices:
-        raise UpstreamMalformedResponse("stream carried no choices")
-    return {
-        "id": head.get("id"),
-        "object": "chat.completion",
-        "created": head.get("created"),
-        "model": head.get("model"),
-        **{k: head[k] for k in ("system_fingerprint", "service_tier") if k in head},
-        "choices": [_finish_choice(choices[i]) for i in sorted(choices)],
-        "usage": usage,
-    }
+            _fold_choice(self.choices, delta_choice)
+            if self.on_delta is not None:
+                self.on_delta(delta_choice)
+        return False
+
+    def result(self) -> dict[str, Any]:
+        if not self.done:
+            raise UpstreamConnectionError("stream ended before data: [DONE]")
+        if not self.choices:
+            raise UpstreamMalformedResponse("stream carried no choices")
+        head = self.head
+        return {
+            "id": head.get("id"),
+            "object": "chat.completion",
+            "created": head.get("created"),
+            "model": head.get("model"),
+            **{k: head[k] for k in ("system_fingerprint", "service_tier") if k in head},
+            "choices": [_finish_choice(self.choices[i]) for i in sorted(self.choices)],
+            "usage": self.usage,
+        }
+
+
+def assemble_stream(
+    lines: Iterable[str], *, on_delta: DeltaCallback | None = None
+) -> dict[str, Any]:
+    """Fold a whole event stream already in hand (tests, replays)."""
+    assembler = StreamAssembler(on_delta=on_delta)
+    for line in lines:
+        if assembler.feed(line):
+            break
+    return assembler.result()
 
 
 def _fold_choice(choices: dict[int, dict[str, Any]], delta_choice: dict[str, Any]) -> None:
@@ -278,4 +288,11 @@ def _finish_choice(choice: dict[str, Any]) -> dict[str, Any]:
     return choice
 
 
-__all__ = ["Completion", "UpstreamError", "assemble_stream", "chat_completion", "get_client"]
+__all__ = [
+    "Completion",
+    "StreamAssembler",
+    "UpstreamError",
+    "assemble_stream",
+    "build_client",
+    "chat_completion",
+]

@@ -15,12 +15,18 @@ app.conf.include = ["worker.tasks"]
 # Beat only drives short periodic ticks whose state lives in Postgres; an in-memory schedule
 # avoids a schedule file that two beats on one host would fight over.
 app.conf.beat_scheduler = "celery.beat:Scheduler"
+_settings = get_settings()
 app.conf.beat_schedule = {
     "dispatch-due": {
         "task": "chatjobs.dispatch_due",
-        "schedule": get_settings().dispatch_interval_seconds,
-        # A tick that waits in the queue longer than the interval is already superseded.
-        "options": {"expires": max(1.0, get_settings().dispatch_interval_seconds * 5)},
+        "schedule": _settings.dispatch_interval_seconds,
+        # A tick that waits in the queue longer than a few intervals is already superseded.
+        "options": {"expires": max(1.0, _settings.dispatch_interval_seconds * 5)},
+    },
+    "reconcile": {
+        "task": "chatjobs.reconcile",
+        "schedule": _settings.reconcile_interval_seconds,
+        "options": {"expires": max(1.0, _settings.reconcile_interval_seconds * 2)},
     },
 }
 

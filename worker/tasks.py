@@ -18,3 +18,9 @@ def run_job(job_id: str) -> None:
 def dispatch_due() -> int:
     """Publish every job whose retry delay is over."""
     return execute.dispatch_due()
+
+
+@app.task(name="chatjobs.reconcile", ignore_result=True)
+def reconcile() -> None:
+    """Expire overdue jobs, recover lost leases, republish lost messages."""
+    execute.reconcile()

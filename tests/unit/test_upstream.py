@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import pickle
 from typing import Any
@@ -37,8 +38,16 @@ COMPLETION = {
 }
 
 
-def client_for(handler: Any) -> httpx.Client:
-    return httpx.Client(base_url="http://up/v1", transport=httpx.MockTransport(handler))
+def client_for(handler: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url="http://up/v1", transport=httpx.MockTransport(handler))
+
+
+def call(request: dict[str, Any], *, model: str, client: httpx.AsyncClient) -> Any:
+    async def run() -> Any:
+        async with client:
+            return await chat_completion(request, model=model, client=client)
+
+    return asyncio.run(run())
 
 
 def test_success_returns_completion_and_usage_and_sends_model() -> None:
@@ -49,7 +58,7 @@ def test_success_returns_completion_and_usage_and_sends_model() -> None:
         seen["body"] = json.loads(request.content)
         return httpx.Response(200, json=COMPLETION, headers={"x-request-id": "req_1"})
 
-    result = chat_completion(REQUEST, model="gpt-4.1", client=client_for(handler))
+    result = call(REQUEST, model="gpt-4.1", client=client_for(handler))
     assert seen["url"] == "http://up/v1/chat/completions"
     assert seen["body"] == {**REQUEST, "model": "gpt-4.1"}
     assert result.body == COMPLETION
@@ -64,7 +73,7 @@ def test_permanent_statuses_carry_the_upstream_message(status: int) -> None:
         return httpx.Response(status, json=body)
 
     with pytest.raises(UpstreamStatusError) as info:
-        chat_completion(REQUEST, model="m", client=client_for(handler))
+        call(REQUEST, model="m", client=client_for(handler))
     assert info.value.status_code == status
     assert "bad thing" in info.value.message
     assert not is_retryable(info.value)
@@ -76,7 +85,7 @@ def test_transient_statuses_are_retryable(status: int) -> None:
         return httpx.Response(status, json={"error": {"message": "busy"}})
 
     with pytest.raises(UpstreamStatusError) as info:
-        chat_completion(REQUEST, model="m", client=client_for(handler))
+        call(REQUEST, model="m", client=client_for(handler))
     assert is_retryable(info.value)
 
 
@@ -92,7 +101,7 @@ def test_insufficient_quota_429_is_not_retryable() -> None:
         return httpx.Response(429, json=body)
 
     with pytest.raises(UpstreamStatusError) as info:
-        chat_completion(REQUEST, model="m", client=client_for(handler))
+        call(REQUEST, model="m", client=client_for(handler))
     assert not is_retryable(info.value)
 
 
@@ -100,7 +109,7 @@ def test_invalid_json_and_missing_choices_are_malformed_and_retryable() -> None:
     for body in (b'{"id": "x", "choices": [', b'{"id": "x"}'):
         client = client_for(lambda request, body=body: httpx.Response(200, content=body))
         with pytest.raises(UpstreamMalformedResponse) as info:
-            chat_completion(REQUEST, model="m", client=client)
+            call(REQUEST, model="m", client=client)
         assert is_retryable(info.value)
 
 
@@ -112,9 +121,9 @@ def test_connection_and_timeout_errors_are_mapped() -> None:
         raise httpx.ReadTimeout("slow", request=request)
 
     with pytest.raises(UpstreamConnectionError):
-        chat_completion(REQUEST, model="m", client=client_for(refuse))
+        call(REQUEST, model="m", client=client_for(refuse))
     with pytest.raises(UpstreamTimeout):
-        chat_completion(REQUEST, model="m", client=client_for(slow))
+        call(REQUEST, model="m", client=client_for(slow))
 
 
 def test_retry_after_prefers_milliseconds_and_reads_seconds() -> None:
@@ -234,7 +243,7 @@ def test_streamed_request_asks_for_usage() -> None:
         return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
 
     request = {**REQUEST, "stream": True}
-    result = chat_completion(request, model="m", client=client_for(handler))
+    result = call(request, model="m", client=client_for(handler))
     assert seen["body"]["stream_options"] == {"include_usage": True}
     assert result.usage["total_tokens"] == 2
     assert result.body["choices"][0]["message"]["content"] == "ok"

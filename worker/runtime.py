@@ -1,0 +1,113 @@
+"""Per-process machinery for running upstream calls: an asyncio loop on its own thread that
+owns the shared httpx client, and a heartbeat that renews leases and abandons lost calls.
+
+Celery task threads block on a future from this loop, so a call can be cancelled from outside
+(the heartbeat found the job cancelled, expired or re-run) and the connection is closed at
+once, which a blocking sync httpx call would not allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from chatjobs import jobs
+from chatjobs.db import session_scope
+from chatjobs.errors import LeaseLost
+from chatjobs.settings import get_settings
+from chatjobs.upstream import Completion, build_client, chat_completion
+
+log = logging.getLogger("chatjobs.worker")
+T = TypeVar("T")
+Held = tuple[uuid.UUID, int]
+
+
+class Runtime:
+    """The loop, the client and the leases of one worker process."""
+
+    def __init__(self) -> None:
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.loop = asyncio.new_event_loop()
+        self._held: dict[Held, concurrent.futures.Future[Any]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        ready = threading.Event()
+        threading.Thread(
+            target=self._run_loop, args=(ready,), name="chatjobs-io", daemon=True
+        ).start()
+        ready.wait()
+        self.client = self.submit(self._build_client()).result()
+        threading.Thread(target=self._heartbeat, name="chatjobs-heartbeat", daemon=True).start()
+
+    def _run_loop(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(ready.set)
+        self.loop.run_forever()
+
+    async def _build_client(self) -> Any:
+        return build_client()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, claim: jobs.Claim) -> Completion:
+        """Run one upstream call for a claimed job; LeaseLost if the job was taken away."""
+        key = (claim.job_id, claim.attempt)
+        future = self.submit(chat_completion(claim.request, model=claim.model, client=self.client))
+        with self._lock:
+            self._held[key] = future
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError as exc:
+            raise LeaseLost(f"job {claim.job_id} attempt {claim.attempt} lost its lease") from exc
+        finally:
+            with self._lock:
+                self._held.pop(key, None)
+
+    def _heartbeat(self) -> None:
+        interval = get_settings().heartbeat_interval
+        while not self._stop.wait(interval):
+            with self._lock:
+                held = set(self._held)
+            if not held:
+                continue
+            try:
+                with session_scope() as session:
+                    kept = jobs.renew_leases(session=session, held=held)
+            except Exception:
+                # Postgres unreachable: keep calling. If the lease runs out meanwhile the job
+                # is re-run and this attempt's write is refused by the attempt fence.
+                log.warning("could not renew %d leases", len(held), exc_info=True)
+                continue
+            for key in held - kept:
+                with self._lock:
+                    future = self._held.get(key)
+                if future is not None and future.cancel():
+                    log.info("job %s attempt %d: lease lost, abandoning its call", *key)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.submit(self.client.aclose()).result(timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+_runtime: Runtime | None = None
+_runtime_pid: int | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime, started on first use (so each forked pool child has its own)."""
+    global _runtime, _runtime_pid
+    with _runtime_lock:
+        if _runtime is None or _runtime_pid != os.getpid():
+            _runtime = Runtime()
+            _runtime_pid = os.getpid()
+        return _runtime
