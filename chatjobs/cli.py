@@ -31,7 +31,6 @@ def _worker(ns: argparse.Namespace) -> None:
         "worker",
         f"--pool={ns.pool or settings.worker_pool}",
         f"--concurrency={ns.concurrency or settings.worker_concurrency}",
-        f"--queues={settings.queue_name}",
         f"--loglevel={ns.loglevel}",
         "--without-gossip",
         "--without-mingle",
@@ -118,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # One line per upstream call comes from chatjobs.worker; these would repeat it, and the
+    # per-second dispatcher ticks would drown everything else.
+    for noisy in ("httpx", "celery.app.trace", "celery.worker.strategy"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ns = build_parser().parse_args(argv)
     ns.func(ns)
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 
 from celery import Celery
+from kombu import Queue
 
 from chatjobs.settings import Settings, get_settings
 
@@ -26,6 +27,23 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("chatjobs", broker=settings.redis_url)
     app.conf.update(
         task_default_queue=settings.queue_name,
+        # A plain `celery -A worker worker` consumes every queue listed here.
+        task_queues=[Queue(settings.queue_name), Queue(control_queue(settings))],
+        # Periodic ticks (dispatch, reconcile) ride a queue of their own so that a backlog
+        # of job messages cannot delay them; the worker consumes both.
+        task_routes={
+            "chatjobs.dispatch_due": {"queue": control_queue(settings)},
+            "chatjobs.reconcile": {"queue": control_queue(settings)},
+        },
+        # Publishing must fail fast when Redis is down: the row is already durable and the
+        # reconciler republishes it, so a request should not hang on the broker.
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        broker_connection_timeout=2,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -47,6 +65,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_send_sent_event=False,
     )
     return app
+
+
+def control_queue(settings: Settings) -> str:
+    return f"{settings.queue_name}-control"
 
 
 @lru_cache

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -106,6 +106,17 @@ class JobCreate(BaseModel):
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
     deadline: datetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_ahead(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("deadline must carry a timezone, e.g. 2030-01-01T00:00:00Z")
+        if value <= datetime.now(UTC):
+            raise ValueError("deadline must be in the future")
+        return value
 
 
 class Usage(BaseModel):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -75,6 +76,7 @@ def stack_env(database_url: str, simulator: str) -> Iterator[dict[str, str]]:
         "CHATJOBS_RETRY_CAP_SECONDS": "1",
         "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.2",
         "CHATJOBS_WORKER_CONCURRENCY": "16",
+        "CHATJOBS_UPSTREAM_READ_TIMEOUT": "3",
     }
     saved = dict(os.environ)
     os.environ.update(env)
@@ -161,3 +163,100 @@ def sim(simulator: str) -> Iterator[httpx.Client]:
                 "context_window": None,
             },
         )
+
+
+@dataclass
+class MiniStack:
+    """An api, beat and workers of their own, on a queue of their own, for tests that kill,
+    flush or reconfigure parts of the system without disturbing the session's stack."""
+
+    url: str
+    env: dict[str, str]
+    queue: str
+    run_dir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start_worker(self, *args: str, name: str = "worker") -> Proc:
+        proc = Proc(
+            name,
+            python_cli(
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--hostname",
+                f"{name}-{uuid.uuid4().hex[:6]}@%h",
+                *args,
+            ),
+            self.env,
+            self.run_dir / f"{self.queue}-{name}-{len(self.procs)}.log",
+        ).start()
+        self.procs.append(proc)
+        return proc
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+# Short timeouts so recovery happens within seconds, not the production minutes.
+FAST_RECOVERY = {
+    "CHATJOBS_LEASE_SECONDS": "3",
+    "CHATJOBS_RECONCILE_INTERVAL_SECONDS": "0.5",
+    "CHATJOBS_STALE_QUEUED_SECONDS": "3",
+    "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.2",
+    "CHATJOBS_WORKER_SHUTDOWN_SECONDS": "0",
+    "CHATJOBS_UPSTREAM_READ_TIMEOUT": "60",
+}
+
+
+@pytest.fixture
+def make_stack(stack_env: dict[str, str], run_dir: Path) -> Iterator[Callable[..., MiniStack]]:
+    """Build MiniStacks: ``make_stack(env={...}, workers=[[args...]], beat=True)``."""
+    stacks: list[MiniStack] = []
+
+    def make(
+        env: dict[str, str] | None = None,
+        workers: list[list[str]] | None = None,
+        beat: bool = True,
+    ) -> MiniStack:
+        queue = f"chatjobs-mini-{uuid.uuid4().hex[:6]}"
+        full_env = {**stack_env, **FAST_RECOVERY, "CHATJOBS_QUEUE_NAME": queue, **(env or {})}
+        port = free_port()
+        stack = MiniStack(
+            url=f"http://127.0.0.1:{port}", env=full_env, queue=queue, run_dir=run_dir
+        )
+        stacks.append(stack)
+        api = Proc(
+            "api",
+            python_cli("api", "--host", "127.0.0.1", "--port", str(port)),
+            full_env,
+            run_dir / f"{queue}-api.log",
+        ).start()
+        stack.procs.append(api)
+        if beat:
+            stack.procs.append(
+                Proc(
+                    "beat",
+                    python_cli("beat", "--loglevel", "INFO"),
+                    full_env,
+                    run_dir / f"{queue}-beat.log",
+                ).start()
+            )
+        for args in workers if workers is not None else [[]]:
+            stack.start_worker(*args)
+        wait_http(f"{stack.url}/healthz", proc=api)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that restart shared services run last, so nothing after them meets the aftermath.
+    items.sort(key=lambda item: item.get_closest_marker("disruptive") is not None)

@@ -27,8 +27,9 @@ T = TypeVar("T")
 def run_job(job_id: uuid.UUID) -> str:
     """Run the job if it is due and unclaimed; returns what happened, for logs and tests."""
     runtime = get_runtime()
-    with session_scope() as session:
-        claim = jobs.claim_job(session=session, job_id=job_id, worker=runtime.worker_id)
+    claim = _with_db_retry(
+        lambda session: jobs.claim_job(session=session, job_id=job_id, worker=runtime.worker_id)
+    )
     if claim is None:
         log.info("job %s: nothing to claim (finished, cancelled or held by another)", job_id)
         return "skipped"
