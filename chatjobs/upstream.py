@@ -38,14 +38,16 @@ class Completion:
     latency_ms: int
 
 
-def build_client(settings: Settings | None = None) -> httpx.AsyncClient:
-    """The client a worker process shares for all its calls, sized for its concurrency."""
+def build_client(
+    settings: Settings | None = None, *, slots: int | None = None
+) -> httpx.AsyncClient:
+    """The client a worker process shares for all its calls, with a connection per slot."""
     settings = settings or get_settings()
     headers = {"content-type": "application/json"}
     key = settings.upstream_api_key.get_secret_value()
     if key:
         headers["authorization"] = f"Bearer {key}"
-    slots = settings.worker_concurrency
+    slots = slots or settings.worker_concurrency
     return httpx.AsyncClient(
         base_url=settings.upstream_base_url.rstrip("/"),
         headers=headers,

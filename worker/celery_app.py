@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from chatjobs.db import reset_engine
 from chatjobs.queue import make_celery
 from chatjobs.settings import get_settings
+from worker.runtime import set_pool_slots
 
 app = make_celery()
 app.conf.include = ["worker.tasks"]
@@ -29,6 +30,15 @@ app.conf.beat_schedule = {
         "options": {"expires": max(1.0, _settings.reconcile_interval_seconds * 2)},
     },
 }
+
+
+@worker_init.connect
+def _size_for_pool(sender: Any = None, **_: Any) -> None:
+    # The pool's real size, whether it came from settings, --concurrency or the plain
+    # `celery -A worker worker` command line.
+    concurrency = int(getattr(sender, "concurrency", 0) or 0)
+    threaded = "thread" in str(getattr(sender, "pool_cls", "")).lower()
+    set_pool_slots(concurrency if threaded else 1)
 
 
 @worker_process_init.connect

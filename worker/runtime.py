@@ -52,7 +52,9 @@ class Runtime:
         self.loop.run_forever()
 
     async def _build_client(self) -> Any:
-        return build_client()
+        # One connection per slot this process can run at once: a prefork child runs one
+        # task at a time, a threads-pool process as many as the pool has threads.
+        return build_client(slots=_pool_slots)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -96,6 +98,15 @@ class Runtime:
         self._stop.set()
         self.submit(self.client.aclose()).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+_pool_slots: int | None = None
+
+
+def set_pool_slots(slots: int) -> None:
+    """Record how many tasks this process runs at once (from the worker's real pool)."""
+    global _pool_slots
+    _pool_slots = max(1, slots)
 
 
 _runtime: Runtime | None = None
