@@ -9,21 +9,14 @@ from typing import Annotated
 from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
-from chatjobs.db import get_sessionmaker
+from chatjobs.db import session_scope
 from chatjobs.errors import AuthenticationFailed
 from chatjobs.tenants import authenticate
 
 
 def get_db() -> Iterator[Session]:
-    session = get_sessionmaker()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

@@ -20,8 +20,8 @@ from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.overhead import submit_all  # noqa: E402
-from bench.stack import running_stack  # noqa: E402
+from bench.overhead import submit_all
+from bench.stack import running_stack
 
 
 def main() -> None:
@@ -31,17 +31,23 @@ def main() -> None:
     ns = parser.parse_args()
     # Drawn uniformly from the list: two 429s and one 503 in 15% gives 10% and 5%.
     sim_args = ["--error-rate", "0.15", "--error-statuses", "429,429,503", "--seed", "7"]
-    env = {"CHATJOBS_RETRY_BASE_SECONDS": "0.5", "CHATJOBS_RETRY_CAP_SECONDS": "8",
-           "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.5"}
+    env = {
+        "CHATJOBS_RETRY_BASE_SECONDS": "0.5",
+        "CHATJOBS_RETRY_CAP_SECONDS": "8",
+        "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.5",
+    }
     with running_stack(sim_args=sim_args, env=env) as stack:
         asyncio.run(submit_all(stack.api_url, stack.key, ns.jobs, 32))
         engine = create_engine(stack.database_url, poolclass=NullPool)
         deadline = time.monotonic() + ns.timeout
         with engine.connect() as conn:
             while time.monotonic() < deadline:
-                pending = conn.scalar(text(
-                    "SELECT count(*) FROM jobs WHERE status NOT IN "
-                    "('succeeded', 'failed', 'cancelled', 'expired')"))
+                pending = conn.scalar(
+                    text(
+                        "SELECT count(*) FROM jobs WHERE status NOT IN "
+                        "('succeeded', 'failed', 'cancelled', 'expired')"
+                    )
+                )
                 conn.commit()
                 if pending == 0:
                     break
@@ -49,12 +55,19 @@ def main() -> None:
             succeeded = conn.scalar(text("SELECT count(*) FROM jobs WHERE status='succeeded'"))
             failed = conn.scalar(text("SELECT count(*) FROM jobs WHERE status='failed'"))
             calls = conn.scalar(text("SELECT count(*) FROM upstream_calls"))
-            by_status = dict(conn.execute(text(
-                "SELECT coalesce(status_code, 0), count(*) FROM upstream_calls GROUP BY 1")).all())
-            histogram = dict(conn.execute(text(
-                "SELECT attempts, count(*) FROM jobs GROUP BY 1 ORDER BY 1")).all())
-            makespan = conn.scalar(text(
-                "SELECT extract(epoch FROM max(completed_at) - min(created_at)) FROM jobs"))
+            by_status = dict(
+                conn.execute(
+                    text("SELECT coalesce(status_code, 0), count(*) FROM upstream_calls GROUP BY 1")
+                ).all()
+            )
+            histogram = dict(
+                conn.execute(
+                    text("SELECT attempts, count(*) FROM jobs GROUP BY 1 ORDER BY 1")
+                ).all()
+            )
+            makespan = conn.scalar(
+                text("SELECT extract(epoch FROM max(completed_at) - min(created_at)) FROM jobs")
+            )
         engine.dispose()
         sim_stats = httpx.get(f"{stack.sim_url}/_sim/stats").json()
     print(

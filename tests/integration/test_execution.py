@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from chatjobs.testing import Proc, free_port, python_cli, wait_http, wait_job
-from tests.conftest import REDIS
+from chatjobs.testing import Proc, wait_job
+from tests.conftest import REDIS, MiniStack
 
 pytestmark = pytest.mark.integration
 
@@ -209,30 +208,13 @@ def wait_for_log(proc: Proc, text: str, timeout: float = 20) -> None:
 # --- cancelling before a worker sees the job -------------------------------------------
 
 
-@pytest.fixture
-def idle_stack(stack_env: dict[str, str], run_dir: Path) -> Iterator[dict[str, Any]]:
-    """An api publishing to a queue no worker listens on yet."""
-    queue = f"chatjobs-idle-{uuid.uuid4().hex[:6]}"
-    env = {**stack_env, "CHATJOBS_QUEUE_NAME": queue}
-    port = free_port()
-    api = Proc(
-        "idle-api",
-        python_cli("api", "--host", "127.0.0.1", "--port", str(port)),
-        env,
-        run_dir / f"{queue}-api.log",
-    ).start()
-    wait_http(f"http://127.0.0.1:{port}/healthz", proc=api)
-    yield {"url": f"http://127.0.0.1:{port}", "env": env, "queue": queue, "run_dir": run_dir}
-    api.stop()
-
-
 def test_cancelled_queued_job_never_reaches_the_upstream(
-    idle_stack: dict[str, Any], api_key: str, sim: httpx.Client
+    make_stack: Callable[..., MiniStack], api_key: str, sim: httpx.Client
 ) -> None:
+    # An api publishing to a queue no worker listens on yet.
+    stack = make_stack(workers=[], beat=False)
     marker = uuid.uuid4().hex
-    with httpx.Client(
-        base_url=idle_stack["url"], headers={"Authorization": f"Bearer {api_key}"}
-    ) as client:
+    with stack.client(api_key) as client:
         request = {"messages": [{"role": "user", "content": "never"}], "x_test": marker}
         job = client.post("/v1/jobs", json={"request": request}).json()
         assert job["status"] == "queued"
@@ -245,17 +227,9 @@ def test_cancelled_queued_job_never_reaches_the_upstream(
 
         # Now a worker takes the message off the queue: it must claim nothing.
         broker = redis.Redis.from_url(REDIS)
-        assert broker.llen(idle_stack["queue"]) == 1
-        late = Proc(
-            "late-worker",
-            python_cli("worker", "--pool", "solo"),
-            idle_stack["env"],
-            idle_stack["run_dir"] / f"{idle_stack['queue']}-worker.log",
-        ).start()
-        try:
-            wait_for_log(late, f"job {job['id']}: nothing to claim", timeout=30)
-        finally:
-            late.stop()
-        assert broker.llen(idle_stack["queue"]) == 0
+        assert broker.llen(stack.queue) == 1
+        late = stack.start_worker("--pool", "solo", name="late-worker")
+        wait_for_log(late, f"job {job['id']}: nothing to claim", timeout=30)
+        assert broker.llen(stack.queue) == 0
         assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
     assert calls_for(sim, marker) == []
