@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routes import health, jobs
+from api.routes import health, jobs, webhooks
 from chatjobs.settings import get_settings
 
 
@@ -20,5 +20,6 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(webhooks.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -10,12 +10,19 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatjobs.errors import AuthenticationFailed, ChatJobsError, Conflict, NotFound
+from chatjobs.errors import (
+    AuthenticationFailed,
+    ChatJobsError,
+    Conflict,
+    ContextTooLong,
+    NotFound,
+)
 
 _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
     (NotFound, 404, "not_found"),
     (Conflict, 409, "conflict"),
     (AuthenticationFailed, 401, "authentication_error"),
+    (ContextTooLong, 422, "context_length_exceeded"),
 ]
 
 

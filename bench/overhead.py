@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import create_engine, text
@@ -28,7 +30,13 @@ REQUEST = {
 }
 
 
-async def submit_all(api_url: str, key: str, jobs: int, concurrency: int) -> float:
+async def submit_all(
+    api_url: str,
+    key: str,
+    jobs: int,
+    concurrency: int,
+    make_request: Callable[[int], dict[str, Any]] | None = None,
+) -> float:
     """Submit ``jobs`` jobs with ``concurrency`` clients; returns the seconds it took."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(jobs):
@@ -41,7 +49,8 @@ async def submit_all(api_url: str, key: str, jobs: int, concurrency: int) -> flo
         async def one_client() -> None:
             while not queue.empty():
                 i = queue.get_nowait()
-                body = {"request": {**REQUEST, "metadata_i": i}}
+                request = make_request(i) if make_request else {**REQUEST, "metadata_i": i}
+                body = {"request": request}
                 response = await client.post("/v1/jobs", json=body)
                 response.raise_for_status()
 

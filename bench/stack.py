@@ -48,7 +48,8 @@ def _cpu(pid: int) -> float:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    # utime + stime + the times of reaped children (Postgres backends come and go).
+    return sum(int(f) for f in fields[11:15]) / _TICK
 
 
 def _children(pid: int) -> list[int]:

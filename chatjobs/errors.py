@@ -32,6 +32,10 @@ class JobNotCancellable(Conflict):
     """The job has already finished."""
 
 
+class ContextTooLong(ChatJobsError):
+    """The request does not fit the model's context window and cannot be made to."""
+
+
 class AuthenticationFailed(ChatJobsError):
     """The API key is missing, malformed or unknown."""
 

@@ -11,17 +11,27 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import case, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from chatjobs.errors import IdempotencyConflict, JobNotCancellable, JobNotFound, UpstreamError
+from chatjobs import deliveries, longcontext
+from chatjobs.errors import (
+    ContextTooLong,
+    IdempotencyConflict,
+    JobNotCancellable,
+    JobNotFound,
+    UpstreamError,
+)
 from chatjobs.models import Job, JobStatus, UpstreamCall, uuid7
+from chatjobs.routing import model_spec
 from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
+from chatjobs.tokens import ModelSpec, count_messages
 
 _PENDING = (JobStatus.queued, JobStatus.retrying)
 _CANCELLABLE = (JobStatus.queued, JobStatus.retrying, JobStatus.running)
+_BROKEN = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -31,28 +41,47 @@ def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Created:
+    """What submission produced: the job, whether it is new, and the ids to publish."""
+
+    job: Job
+    created: bool
+    publish: list[uuid.UUID]
+
+
 def create_job(
     *, session: Session, tenant_id: uuid.UUID, body: JobCreate, idempotency_key: str | None = None
-) -> tuple[Job, bool]:
-    """Insert a queued job; returns (job, created).
+) -> Created:
+    """Count the prompt, apply the long-context strategy, and insert the job.
 
     With an Idempotency-Key already used for the same body, the earlier job comes back with
-    created False; with a different body, IdempotencyConflict.
+    created False; with a different body, IdempotencyConflict. A map-reduce job is inserted
+    running, with one child job per chunk (those are what get published).
     """
     settings = get_settings()
     request_hash = _request_hash(body)
+    model = body.request.model or settings.default_model
+    plan = longcontext.plan(body.request.raw, model, body.long_context)
     deadline = body.deadline or (
         datetime.now().astimezone() + timedelta(seconds=settings.job_deadline_seconds)
     )
+    options = body.long_context.model_dump(exclude_none=True) if body.long_context else {}
+    chunked = bool(plan.map_requests)
     values: dict[str, Any] = {
         "id": uuid7(),
         "tenant_id": tenant_id,
-        "status": JobStatus.queued,
-        "model": body.request.model or settings.default_model,
+        "status": JobStatus.running if chunked else JobStatus.queued,
+        "started_at": func.now() if chunked else None,
+        "model": model,
         "request": body.request.raw,
+        "upstream_request": plan.upstream_request,
         "metadata_": body.metadata,
         "webhook_url": body.webhook_url,
-        "long_context": body.long_context.model_dump() if body.long_context else None,
+        "long_context": {**options, **(plan.record or {})} or None,
+        "progress": _progress(len(plan.map_requests), 0, None) if chunked else None,
+        "prompt_token_estimate": plan.prompt_tokens,
+        "token_count_method": plan.method,
         "priority": body.priority,
         "max_attempts": body.max_attempts or settings.max_attempts,
         "deadline": deadline,
@@ -68,7 +97,10 @@ def create_job(
         stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_tenant_idempotency_key")
     inserted = session.scalars(stmt.returning(Job)).one_or_none()
     if inserted is not None:
-        return inserted, True
+        if not chunked:
+            return Created(inserted, True, [inserted.id])
+        children = _insert_steps(session, inserted, "map", 0, plan.map_requests, model_spec(model))
+        return Created(inserted, True, children)
     existing = session.scalars(
         select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
     ).one()
@@ -77,7 +109,7 @@ def create_job(
             "Idempotency-Key was already used with a different body (job "
             f"{existing.id}); use a new key for a new job"
         )
-    return existing, False
+    return Created(existing, False, [])
 
 
 def get_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
@@ -99,7 +131,7 @@ def list_jobs(
     limit: int = 20,
 ) -> tuple[list[Job], bool]:
     """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
-    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    stmt = select(Job).where(Job.tenant_id == tenant_id, Job.parent_id.is_(None))
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if batch_id is not None:
@@ -128,6 +160,8 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if job is not None:
+        _cancel_steps(session, job_id, JobStatus.cancelled)
+        deliveries.queue_events(session, [job_id], "job.cancelled")
         return job
     current = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
     raise JobNotCancellable(f"job {job_id} is already {current.status.value}")
@@ -142,6 +176,8 @@ class Claim:
     model: str
     request: dict[str, Any]
     max_attempts: int
+    prompt_tokens: int | None
+    parent_id: uuid.UUID | None = None
 
 
 def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | None:
@@ -165,7 +201,16 @@ def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | No
             claimed_by=worker,
             updated_at=func.now(),
         )
-        .returning(Job.id, Job.attempts, Job.model, Job.request, Job.max_attempts)
+        .returning(
+            Job.id,
+            Job.attempts,
+            Job.model,
+            # What is sent: the truncated request or the step's, else the submitted one.
+            func.coalesce(Job.upstream_request, Job.request).label("request"),
+            Job.max_attempts,
+            Job.prompt_token_estimate,
+            Job.parent_id,
+        )
         .execution_options(synchronize_session=False)
     ).one_or_none()
     if row is None:
@@ -176,7 +221,42 @@ def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | No
         model=row.model,
         request=row.request,
         max_attempts=row.max_attempts,
+        prompt_tokens=row.prompt_token_estimate,
+        parent_id=row.parent_id,
     )
+
+
+def lock_parent(*, session: Session, claim: Claim) -> None:
+    """Take a step's parent row lock before touching the step.
+
+    Steps of one job finish concurrently and each advances the parent. Locking the parent
+    first, always, gives one lock order (parent, then step); taking it last deadlocked in
+    practice, as two finishing steps each already held a key-share lock on the parent.
+    """
+    if claim.parent_id is not None:
+        session.execute(select(Job.id).where(Job.id == claim.parent_id).with_for_update())
+
+
+def defer_job(*, session: Session, job_id: uuid.UUID, attempt: int, delay: float) -> bool:
+    """Hand a claimed job back unrun until ``delay`` from now, without using an attempt.
+
+    For a rate limit with no capacity soon: the worker slot is freed instead of sleeping.
+    """
+    first = Job.attempts == 1
+    row = session.execute(
+        _fenced(job_id, attempt)
+        .values(
+            status=case((first, JobStatus.queued), else_=JobStatus.retrying),
+            attempts=Job.attempts - 1,
+            started_at=case((first, None), else_=Job.started_at),
+            next_attempt_at=func.now() + timedelta(seconds=delay),
+            lease_expires_at=None,
+            claimed_by=None,
+            updated_at=func.now(),
+        )
+        .returning(Job.id)
+    ).one_or_none()
+    return row is not None
 
 
 def renew_leases(
@@ -210,33 +290,39 @@ def _fenced(job_id: uuid.UUID, attempt: int) -> Any:
     )
 
 
-def _finish(job_id: uuid.UUID, attempt: int, **values: Any) -> Any:
-    return (
+@dataclass(frozen=True)
+class Written:
+    """A worker's outcome was recorded; ``publish`` holds steps it made runnable."""
+
+    publish: list[uuid.UUID]
+
+
+def _finish(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> Written | None:
+    row = session.execute(
         _fenced(job_id, attempt)
-        .values(
-            completed_at=func.now(),
-            updated_at=func.now(),
-            lease_expires_at=None,
-            **values,
-        )
-        .returning(Job.id)
-    )
+        .values(completed_at=func.now(), updated_at=func.now(), lease_expires_at=None, **values)
+        .returning(Job.parent_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    deliveries.queue_events(session, [job_id], f"job.{values['status'].value}")
+    if row.parent_id is None:
+        return Written([])
+    return Written(advance_parent(session=session, parent_id=row.parent_id))
 
 
 def finish_succeeded(
     *, session: Session, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
-) -> bool:
-    """Write the result once; False if this attempt no longer holds the job."""
-    stmt = _finish(job_id, attempt, status=JobStatus.succeeded, result=result, error=None)
-    return session.execute(stmt).one_or_none() is not None
+) -> Written | None:
+    """Write the result once; None if this attempt no longer holds the job."""
+    return _finish(session, job_id, attempt, status=JobStatus.succeeded, result=result, error=None)
 
 
 def finish_failed(
     *, session: Session, job_id: uuid.UUID, attempt: int, error: UpstreamError
-) -> bool:
-    """Mark the job failed with the upstream's error."""
-    stmt = _finish(job_id, attempt, status=JobStatus.failed, error=error_record(error))
-    return session.execute(stmt).one_or_none() is not None
+) -> Written | None:
+    """Mark the job failed with the upstream's error; None if this attempt lost the job."""
+    return _finish(session, job_id, attempt, status=JobStatus.failed, error=error_record(error))
 
 
 def schedule_retry(
@@ -354,8 +440,16 @@ def reconcile(*, session: Session) -> Reconciled:
                 func.concat(lost_message, "; no attempts left"),
             ),
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.parent_id)
     ).all()
+    deliveries.queue_events(session, [row.id for row in expired], "job.expired")
+    deliveries.queue_events(session, [row.id for row in failed], "job.failed")
+    for parent_id in {row.parent_id for row in failed if row.parent_id is not None}:
+        # A step that died for good fails its parent; nothing new becomes runnable then, but
+        # should it, the dispatcher publishes it.
+        made = advance_parent(session=session, parent_id=parent_id)
+        if made:
+            session.execute(update(Job).where(Job.id.in_(made)).values(next_attempt_at=func.now()))
     stale_before = func.now() - timedelta(seconds=settings.stale_queued_seconds)
     republished = session.execute(
         update(Job)
@@ -421,6 +515,181 @@ def record_call(
             .execution_options(synchronize_session=False)
         )
     session.flush()
+
+
+# --- chunked jobs: map and reduce steps are child jobs -----------------------------------
+
+
+def _progress(map_total: int, map_done: int, reduce: dict[str, int] | None) -> dict[str, Any]:
+    progress: dict[str, Any] = {"map": {"done": map_done, "total": map_total}}
+    if reduce is not None:
+        progress["reduce"] = reduce
+    return progress
+
+
+def _insert_steps(
+    session: Session,
+    parent: Job,
+    kind: str,
+    level: int,
+    requests: list[dict[str, Any]],
+    spec: ModelSpec,
+) -> list[uuid.UUID]:
+    """Insert one queued child job per request; returns their ids, in order."""
+    if not requests:
+        return []
+    rows = [
+        {
+            "id": uuid7(),
+            "tenant_id": parent.tenant_id,
+            "status": JobStatus.queued,
+            "model": parent.model,
+            "request": request,
+            "prompt_token_estimate": count_messages(request["messages"], spec).tokens,
+            "token_count_method": spec.encoding or "estimate",
+            "priority": parent.priority,
+            "max_attempts": parent.max_attempts,
+            "deadline": parent.deadline,
+            "parent_id": parent.id,
+            "step_kind": kind,
+            "step_level": level,
+            "step_index": i,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "attempts": 0,
+        }
+        for i, request in enumerate(requests)
+    ]
+    stmt = insert(Job).values(rows).on_conflict_do_nothing(constraint="uq_jobs_parent_id_step")
+    return list(session.scalars(stmt.returning(Job.id)))
+
+
+def _cancel_steps(session: Session, parent_id: uuid.UUID, status: JobStatus) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.parent_id == parent_id, Job.status.in_(_CANCELLABLE))
+        .values(
+            status=status,
+            completed_at=func.now(),
+            updated_at=func.now(),
+            next_attempt_at=None,
+            lease_expires_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _content(result: dict[str, Any] | None) -> str:
+    try:
+        return str((result or {})["choices"][0]["message"]["content"] or "")
+    except (KeyError, IndexError, TypeError):
+        return ""
+
+
+def advance_parent(*, session: Session, parent_id: uuid.UUID) -> list[uuid.UUID]:
+    """Move a chunked job on after one of its steps finished; returns new steps to publish.
+
+    The parent row is locked, so steps finishing at the same moment advance it one at a time:
+    all maps done -> reduce steps over groups of partial answers (recursively, a level at a
+    time, until one reduce remains) -> the parent succeeds with the last reduce's answer and
+    the usage of every step. A step that failed for good fails the parent and cancels the rest.
+    """
+    parent = session.scalars(select(Job).where(Job.id == parent_id).with_for_update()).one_or_none()
+    if parent is None or parent.status != JobStatus.running:
+        return []
+    steps = list(
+        session.execute(
+            select(
+                Job.step_kind,
+                Job.step_level,
+                Job.step_index,
+                Job.status,
+                Job.result,
+                Job.error,
+                Job.prompt_tokens,
+                Job.completion_tokens,
+                Job.total_tokens,
+            )
+            .where(Job.parent_id == parent_id)
+            .order_by(Job.step_level, Job.step_index)
+        )
+    )
+    level = max(step.step_level for step in steps)
+    current = [step for step in steps if step.step_level == level]
+    broken = next((s for s in current if s.status in _BROKEN), None)
+    maps = [step for step in steps if step.step_kind == "map"]
+    maps_done = sum(1 for step in maps if step.status == JobStatus.succeeded)
+    done = sum(1 for step in current if step.status == JobStatus.succeeded)
+    reduce = None if level == 0 else {"level": level, "done": done, "total": len(current)}
+    values: dict[str, Any] = {
+        "progress": _progress(len(maps), maps_done, reduce),
+        "updated_at": func.now(),
+    }
+    if broken is not None:
+        message = (broken.error or {}).get("message") or broken.status.value
+        values.update(
+            status=JobStatus.failed,
+            completed_at=func.now(),
+            error={
+                "type": "step_failed",
+                "message": f"{broken.step_kind} step {broken.step_index + 1} of level "
+                f"{broken.step_level} ended {broken.status.value}: {message}",
+            },
+        )
+        _cancel_steps(session, parent_id, JobStatus.cancelled)
+    elif done == len(current) and current[0].step_kind == "reduce" and len(current) == 1:
+        usage = {
+            key: sum(getattr(step, key) for step in steps)
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+        }
+        values.update(
+            status=JobStatus.succeeded,
+            completed_at=func.now(),
+            result={**(current[0].result or {}), "usage": usage},
+            **usage,
+        )
+    session.execute(update(Job).where(Job.id == parent_id).values(**values))
+    if "status" in values:
+        deliveries.queue_events(session, [parent_id], f"job.{values['status'].value}")
+    if broken is not None or done < len(current) or "result" in values:
+        return []
+    return _next_reduce(session, parent, level, [_content(step.result) for step in current])
+
+
+def _next_reduce(session: Session, parent: Job, level: int, parts: list[str]) -> list[uuid.UUID]:
+    spec = model_spec(parent.model)
+    options = parent.long_context or {}
+    reduce_prompt = options.get("reduce_prompt")
+    try:
+        groups = longcontext.group_parts(parent.request, parts, spec, reduce_prompt)
+    except ContextTooLong as exc:
+        session.execute(
+            update(Job)
+            .where(Job.id == parent.id)
+            .values(
+                status=JobStatus.failed,
+                completed_at=func.now(),
+                error={"type": "context_too_long", "message": str(exc)},
+            )
+        )
+        deliveries.queue_events(session, [parent.id], "job.failed")
+        return []
+    requests = [
+        longcontext.reduce_request(parent.request, [parts[i] for i in group], spec, reduce_prompt)
+        for group in groups
+    ]
+    return _insert_steps(session, parent, "reduce", level + 1, requests, spec)
+
+
+def list_steps(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[Job]:
+    """A chunked job's map and reduce steps, in order; each keeps its own result."""
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    return list(
+        session.scalars(
+            select(Job).where(Job.parent_id == job_id).order_by(Job.step_level, Job.step_index)
+        )
+    )
 
 
 def error_record(error: UpstreamError) -> dict[str, Any]:

@@ -60,6 +60,8 @@ TERMINAL_STATUSES = frozenset(
 )
 
 _tz = DateTime(timezone=True)
+# Python None is SQL NULL, not JSON null: COALESCE and IS NULL must see it as missing.
+_json = JSONB(none_as_null=True)
 
 
 class Tenant(Base):
@@ -101,6 +103,7 @@ class Job(Base):
             "updated_at",
             postgresql_where=text("status IN ('queued', 'retrying') AND next_attempt_at IS NULL"),
         ),
+        UniqueConstraint("parent_id", "step_level", "step_index", name="uq_jobs_parent_id_step"),
         Index(
             "ix_jobs_deadline",
             "deadline",
@@ -116,12 +119,12 @@ class Job(Base):
     )
     model: Mapped[str] = mapped_column(String(200))
     request: Mapped[dict[str, Any]] = mapped_column(JSONB)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    result: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    error: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", _json)
     webhook_url: Mapped[str | None] = mapped_column(Text)
-    long_context: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
-    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    long_context: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(_json)
 
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -142,6 +145,19 @@ class Job(Base):
     # The worker process (host:pid) holding the lease: for operators, and for tests that
     # kill exactly that process.
     claimed_by: Mapped[str | None] = mapped_column(String(200))
+
+    # Long inputs: how the prompt was counted, and the request actually sent when it differs
+    # from the one submitted (truncated, or one chunk of a map-reduce).
+    token_count_method: Mapped[str | None] = mapped_column(String(32))
+    upstream_request: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    # A map or reduce step of a chunked job is a job of its own, so it is claimed, leased,
+    # retried and recovered like any other; its parent waits for its children.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    step_kind: Mapped[str | None] = mapped_column(String(16))
+    step_level: Mapped[int | None] = mapped_column(Integer)
+    step_index: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(_tz)
@@ -165,4 +181,84 @@ class UpstreamCall(Base):
     total_tokens: Mapped[int | None] = mapped_column(Integer)
     request_id: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+
+
+class WebhookSecret(Base):
+    """A tenant's signing secret; several are active during a rotation window."""
+
+    __tablename__ = "webhook_secrets"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    # Kept in the clear: HMAC signing needs the secret itself, as in every webhook sender.
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(_tz)
+
+
+class DeliveryStatus(enum.StrEnum):
+    pending = "pending"
+    delivering = "delivering"
+    succeeded = "succeeded"
+    failed = "failed"
+    gone = "gone"
+    blocked = "blocked"
+
+
+class WebhookDelivery(Base):
+    """One event for one URL, delivered at least once under one webhook-id."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("job_id", "event_type", name="uq_webhook_deliveries_job_event"),
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event_type: Mapped[str] = mapped_column(String(40))
+    msg_id: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    status: Mapped[DeliveryStatus] = mapped_column(
+        Enum(
+            DeliveryStatus,
+            name="delivery_status",
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        default=DeliveryStatus.pending,
+    )
+    # The body, fixed at the first attempt so every retry sends the same bytes.
+    payload: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_tz)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    delivered_at: Mapped[datetime | None] = mapped_column(_tz)
+
+
+class WebhookAttempt(Base):
+    """One HTTP attempt of a delivery, whatever came of it."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    blocked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())

@@ -19,6 +19,7 @@ from chatjobs.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 RUN_JOB = "chatjobs.run_job"
+DELIVER = "chatjobs.deliver_webhook"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -28,7 +29,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app.conf.update(
         task_default_queue=settings.queue_name,
         # A plain `celery -A worker worker` consumes every queue listed here.
-        task_queues=[Queue(settings.queue_name), Queue(control_queue(settings))],
+        task_queues=[
+            Queue(settings.queue_name),
+            Queue(control_queue(settings)),
+            Queue(webhook_queue(settings)),
+        ],
         # Periodic ticks (dispatch, reconcile) ride a queue of their own so that a backlog
         # of job messages cannot delay them; the worker consumes both.
         task_routes={
@@ -71,6 +76,10 @@ def control_queue(settings: Settings) -> str:
     return f"{settings.queue_name}-control"
 
 
+def webhook_queue(settings: Settings) -> str:
+    return f"{settings.queue_name}-webhooks"
+
+
 @lru_cache
 def get_producer() -> Celery:
     return make_celery()
@@ -83,3 +92,12 @@ def enqueue_jobs(job_ids: Iterable[uuid.UUID]) -> None:
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
             app.send_task(RUN_JOB, args=[str(job_id)], queue=queue, producer=producer)
+
+
+def enqueue_deliveries(delivery_ids: Iterable[uuid.UUID]) -> None:
+    """Publish one wake-up per webhook delivery. Call only after the rows have committed."""
+    app = get_producer()
+    queue = webhook_queue(get_settings())
+    with app.producer_or_acquire() as producer:
+        for delivery_id in delivery_ids:
+            app.send_task(DELIVER, args=[str(delivery_id)], queue=queue, producer=producer)

@@ -19,7 +19,9 @@ from pydantic import (
     model_validator,
 )
 
+from chatjobs import ssrf
 from chatjobs.models import Job, JobStatus
+from chatjobs.settings import get_settings
 
 # The seed types these as JSON "number": strict, so "0.5" and true are refused, not coerced.
 Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
@@ -89,9 +91,14 @@ class ChatCompletionRequest(BaseModel):
 
 
 class LongContext(BaseModel):
+    """What to do when prompt + output budget exceeds the model's context window."""
+
     model_config = ConfigDict(extra="forbid")
 
     strategy: Literal["map_reduce", "truncate", "error"] = "map_reduce"
+    # Prompts of the map and reduce steps; {index}/{total} and {total} are filled in.
+    map_prompt: Annotated[str, Field(max_length=4000)] | None = None
+    reduce_prompt: Annotated[str, Field(max_length=4000)] | None = None
 
 
 class JobCreate(BaseModel):
@@ -106,6 +113,15 @@ class JobCreate(BaseModel):
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
     deadline: datetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_target(cls, value: str | None) -> str | None:
+        # Literal addresses are judged now; hostnames after DNS, at each delivery.
+        if value is not None:
+            allow = ssrf.parse_allowlist(get_settings().webhook_allow_private)
+            ssrf.check_literal(value, allow)
+        return value
 
     @field_validator("deadline")
     @classmethod
@@ -152,7 +168,9 @@ class JobRead(BaseModel):
     batch_id: str | None
     schedule_id: str | None
     progress: dict[str, Any] | None
+    long_context: dict[str, Any] | None
     prompt_token_estimate: int | None
+    token_count_method: str | None
     deadline: datetime | None
     next_attempt_at: datetime | None
     created_at: datetime
@@ -182,12 +200,51 @@ class JobRead(BaseModel):
             batch_id=job.batch_id,
             schedule_id=job.schedule_id,
             progress=job.progress,
+            long_context=job.long_context,
             prompt_token_estimate=job.prompt_token_estimate,
+            token_count_method=job.token_count_method,
             deadline=job.deadline,
             next_attempt_at=job.next_attempt_at,
             created_at=job.created_at,
             updated_at=job.updated_at,
             started_at=job.started_at,
+            completed_at=job.completed_at,
+        )
+
+
+class StepRead(BaseModel):
+    """One map or reduce step of a chunked job."""
+
+    id: uuid.UUID
+    kind: str
+    level: int
+    index: int
+    status: JobStatus
+    attempts: int
+    content: str | None
+    usage: Usage
+    error: JobError | None
+    completed_at: datetime | None
+
+    @classmethod
+    def from_job(cls, job: Job) -> StepRead:
+        content = None
+        if job.result:
+            content = (job.result.get("choices") or [{}])[0].get("message", {}).get("content")
+        return cls(
+            id=job.id,
+            kind=job.step_kind or "",
+            level=job.step_level or 0,
+            index=job.step_index or 0,
+            status=job.status,
+            attempts=job.attempts,
+            content=content,
+            usage=Usage(
+                prompt_tokens=job.prompt_tokens,
+                completion_tokens=job.completion_tokens,
+                total_tokens=job.total_tokens,
+            ),
+            error=JobError.model_validate(job.error) if job.error else None,
             completed_at=job.completed_at,
         )
 

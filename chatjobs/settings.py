@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,12 +22,29 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(10.0, gt=0)
     upstream_read_timeout: float = Field(600.0, gt=0)
     default_model: str = "gpt-4.1"
+    # Per-model routing (TOML); models it does not list use the upstream_* values here.
+    models_file: Path | None = None
+    upstream_rpm: int | None = Field(None, ge=1)
+    upstream_tpm: int | None = Field(None, ge=1)
+    upstream_max_concurrency: int | None = Field(None, ge=1)
+    limiter_headroom: float = Field(0.98, gt=0, le=1)
+    limiter_max_wait_seconds: float = Field(2.0, ge=0)
+    default_output_budget: int = Field(1024, ge=1)
+    chunk_overlap_tokens: int = Field(100, ge=0)
 
     worker_pool: str = "threads"
     worker_concurrency: int = Field(64, ge=1)
     queue_name: str = "chatjobs"
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    auth_cache_seconds: float = Field(30.0, ge=0)
+
+    # Webhooks: CIDRs a receiver may resolve to despite being private (development, tests).
+    webhook_allow_private: str = ""
+    webhook_timeout_seconds: float = Field(15.0, gt=0)
+    # Seconds before each attempt (Svix-like): immediately, 5 s, 5 min, 30 min, 2 h, 5 h,
+    # 10 h, 10 h.
+    webhook_retry_schedule: str = "0,5,300,1800,7200,18000,36000,36000"
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float | None = Field(None, gt=0)
     reconcile_interval_seconds: float = Field(5.0, gt=0)

@@ -34,6 +34,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from chatjobs.tokens import count_messages, count_text, lookup_model
+
 __all__ = [
     "SimConfig",
     "Simulator",
@@ -58,8 +60,8 @@ CLIENT_CLOSED = 499
 MALFORMED_BODY = b'{"id": "chatcmpl-broken", "choices": ['
 SERVER_ERROR_MESSAGE = "The server had an error while processing your request."
 MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4o-mini")
-# Three-letter words: with the 4-characters-per-token placeholder rule every " word" is exactly
-# one token, which keeps usage self-consistent without a real tokenizer.
+# Three-letter words, each exactly one o200k_base (and cl100k_base) token with its leading space,
+# so a reply grows by one token per word and usage can match any target exactly.
 _VOCAB = (
     "the", "job", "sim", "api", "run", "log", "key", "box", "fox", "red", "sky", "sun", "cat",
     "dog", "map", "net", "cup", "pen", "web", "row", "set", "bit", "hub", "jar", "kit", "lab",
@@ -248,40 +250,20 @@ def config_from_args(ns: argparse.Namespace, base: SimConfig | None = None) -> S
 # Tokens and content
 
 
+# Every model the simulator serves uses o200k_base; counting like chatjobs.tokens does lets a
+# test assert that chatjobs never sends a call the simulator would find over the window.
+SIM_ENCODING = "o200k_base"
+_SIM_SPEC = lookup_model(DEFAULT_MODEL)
+
+
 def count_text_tokens(text: str) -> int:
-    """Placeholder token count: one token per started group of four characters."""
-    return (len(text) + 3) // 4
-
-
-def _content_tokens(content: object) -> int:
-    if isinstance(content, str):
-        return count_text_tokens(content)
-    if isinstance(content, list):
-        return sum(
-            count_text_tokens(part["text"])
-            for part in content
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        )
-    return 0
+    """Tokens of text in o200k_base, exactly as chatjobs.tokens.count_text counts them."""
+    return count_text(text, SIM_ENCODING)
 
 
 def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Prompt tokens with OpenAI's framing: 3 per message + role, content, name; 3 to prime."""
-    total = 3
-    for message in messages:
-        total += 3
-        if not isinstance(message, dict):
-            continue
-        role = message.get("role")
-        if isinstance(role, str):
-            total += count_text_tokens(role)
-        total += _content_tokens(message.get("content"))
-        name = message.get("name")
-        if isinstance(name, str):
-            total += count_text_tokens(name)
-    return total
+    """Prompt tokens as chatjobs.tokens.count_messages counts them for gpt-4.1 (o200k_base)."""
+    return count_messages(messages, _SIM_SPEC).tokens
 
 
 def _content_digest(messages: list[Any], model: str, seed: int) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,20 +37,21 @@ class Completion:
     status_code: int
     request_id: str | None
     latency_ms: int
+    # The x-ratelimit-* headers, which tighten the shared limiter.
+    ratelimit: dict[str, str]
 
 
 def build_client(
     settings: Settings | None = None, *, slots: int | None = None
 ) -> httpx.AsyncClient:
-    """The client a worker process shares for all its calls, with a connection per slot."""
+    """The client a worker process shares for all its calls, with a connection per slot.
+
+    It carries no base URL and no key: each call names its route's.
+    """
     settings = settings or get_settings()
     headers = {"content-type": "application/json"}
-    key = settings.upstream_api_key.get_secret_value()
-    if key:
-        headers["authorization"] = f"Bearer {key}"
     slots = slots or settings.worker_concurrency
     return httpx.AsyncClient(
-        base_url=settings.upstream_base_url.rstrip("/"),
         headers=headers,
         timeout=httpx.Timeout(
             connect=settings.upstream_connect_timeout,
@@ -67,17 +69,21 @@ async def chat_completion(
     *,
     model: str,
     client: httpx.AsyncClient,
+    base_url: str,
+    api_key: str = "",
     on_delta: DeltaCallback | None = None,
 ) -> Completion:
     """Send one chat-completion request; raises an UpstreamError on any failure."""
     body = {**request, "model": model}
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.monotonic()
     try:
         if body.get("stream"):
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True
             body["stream_options"] = options
-            async with client.stream("POST", "/chat/completions", json=body) as response:
+            async with client.stream("POST", url, json=body, headers=auth) as response:
                 if not response.is_success:
                     await response.aread()
                 _raise_for_status(response)
@@ -87,7 +93,7 @@ async def chat_completion(
                         break
                 completion = assembler.result()
         else:
-            response = await client.post("/chat/completions", json=body)
+            response = await client.post(url, json=body, headers=auth)
             _raise_for_status(response)
             completion = _parse_completion(response)
     except httpx.TimeoutException as exc:
@@ -101,6 +107,7 @@ async def chat_completion(
         status_code=response.status_code,
         request_id=response.headers.get("x-request-id"),
         latency_ms=int((time.monotonic() - started) * 1000),
+        ratelimit={k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")},
     )
 
 
@@ -129,22 +136,33 @@ def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
 
 
 def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date)."""
+    """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date).
+
+    Garbled or non-finite values are ignored rather than trusted.
+    """
     if (ms := headers.get("retry-after-ms")) is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
+        seconds = _finite(ms)
+        if seconds is not None:
+            return max(0.0, seconds / 1000)
     value = headers.get("retry-after")
-    if value is None:
+    if not value:
         return None
+    seconds = _finite(value)
+    if seconds is not None:
+        return max(0.0, seconds)
     try:
-        return max(0.0, float(value))
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, parsed.timestamp() - time.time())
+
+
+def _finite(value: str) -> float | None:
+    try:
+        number = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        if parsed is None:
-            return None
-        return max(0.0, parsed.timestamp() - time.time())
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _parse_completion(response: httpx.Response) -> dict[str, Any]:

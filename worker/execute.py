@@ -12,13 +12,15 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from chatjobs import jobs
+from chatjobs import deliveries, events, jobs
 from chatjobs.db import session_scope
 from chatjobs.errors import LeaseLost, UpstreamError, is_retryable
-from chatjobs.queue import enqueue_jobs
+from chatjobs.queue import enqueue_deliveries, enqueue_jobs
+from chatjobs.routing import Route, model_spec, output_budget, route_for
 from chatjobs.settings import get_settings
+from chatjobs.tokens import count_messages
 from chatjobs.upstream import Completion
-from worker.runtime import get_runtime
+from worker.runtime import Runtime, get_runtime
 
 log = logging.getLogger("chatjobs.worker")
 T = TypeVar("T")
@@ -33,13 +35,71 @@ def run_job(job_id: uuid.UUID) -> str:
     if claim is None:
         log.info("job %s: nothing to claim (finished, cancelled or held by another)", job_id)
         return "skipped"
+    route = route_for(claim.model)
+    limited = bool(route.limits.rpm or route.limits.tpm or route.limits.max_concurrency)
+    if not limited:
+        return _call(runtime, claim, route)
+    settings = get_settings()
+    reserved = reservation(claim)
+    call_id = f"{claim.job_id}:{claim.attempt}"
+    decision = runtime.limiter.acquire(
+        route.limit_key,
+        route.limits,
+        tokens=reserved,
+        call_id=call_id,
+        max_wait=settings.limiter_max_wait_seconds,
+        lease_seconds=settings.lease_seconds,
+    )
+    if not decision.granted:
+        deferred = _with_db_retry(
+            lambda session: jobs.defer_job(
+                session=session, job_id=claim.job_id, attempt=claim.attempt, delay=decision.wait
+            )
+        )
+        log.info(
+            "job %s: no %s capacity for %.1fs, deferred", job_id, decision.reason, decision.wait
+        )
+        return "deferred" if deferred else "stale"
+    try:
+        if decision.wait > 0:
+            time.sleep(decision.wait)
+        return _call(runtime, claim, route, reserved=reserved)
+    finally:
+        runtime.limiter.release(route.limit_key, call_id)
+
+
+def reservation(claim: jobs.Claim) -> int:
+    """Tokens a call may use: its prompt and the output it may ask for.
+
+    The actual usage corrects the reservation once the call returns.
+    """
+    spec = model_spec(claim.model)
+    prompt = claim.prompt_tokens
+    if prompt is None:
+        prompt = count_messages(claim.request.get("messages") or [], spec).tokens
+    return prompt + output_budget(claim.request, spec)
+
+
+def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | None = None) -> str:
+    events.publish(claim.job_id, "status", {"status": "running", "attempt": claim.attempt})
     started = time.monotonic()
     try:
-        completion = runtime.call(claim)
+        completion = runtime.call(claim, route)
     except LeaseLost:
         return _record_outcome(claim, None, None, time.monotonic() - started)
     except UpstreamError as err:
+        if reserved is not None and err.status_code == 429:
+            # Every worker backs off at once, for as long as the upstream asked.
+            runtime.limiter.cool_down(route.limit_key, err.retry_after or 1.0)
         return _record_outcome(claim, None, err, time.monotonic() - started)
+    if reserved is not None:
+        runtime.limiter.correct(
+            route.limit_key,
+            route.limits,
+            reserved_tokens=reserved,
+            actual_tokens=completion.usage["total_tokens"],
+        )
+        runtime.limiter.observe(route.limit_key, route.limits, completion.ratelimit)
     return _record_outcome(claim, completion, None, time.monotonic() - started)
 
 
@@ -70,7 +130,11 @@ def _record_outcome(
         message,
     )
 
+    publish: list[uuid.UUID] = []
+
     def write(session: Session) -> str:
+        publish.clear()  # a retried transaction starts over
+        jobs.lock_parent(session=session, claim=claim)
         jobs.record_call(
             session=session,
             job_id=claim.job_id,
@@ -84,30 +148,39 @@ def _record_outcome(
             error=message,
         )
         if completion is not None:
-            ok = jobs.finish_succeeded(
+            written = jobs.finish_succeeded(
                 session=session,
                 job_id=claim.job_id,
                 attempt=claim.attempt,
                 result=completion.body,
             )
-            return "succeeded" if ok else "stale"
-        if err is None:
+            outcome = "succeeded"
+        elif err is None:
             return "abandoned"
-        if is_retryable(err) and claim.attempt < claim.max_attempts:
-            ok = jobs.schedule_retry(
+        elif is_retryable(err) and claim.attempt < claim.max_attempts:
+            retried = jobs.schedule_retry(
                 session=session,
                 job_id=claim.job_id,
                 attempt=claim.attempt,
                 delay=retry_delay(claim.attempt, err.retry_after),
                 error=err,
             )
-            return "retrying" if ok else "stale"
-        ok = jobs.finish_failed(
-            session=session, job_id=claim.job_id, attempt=claim.attempt, error=err
-        )
-        return "failed" if ok else "stale"
+            return "retrying" if retried else "stale"
+        else:
+            written = jobs.finish_failed(
+                session=session, job_id=claim.job_id, attempt=claim.attempt, error=err
+            )
+            outcome = "failed"
+        if written is None:
+            return "stale"
+        publish.extend(written.publish)
+        return outcome
 
     outcome = _with_db_retry(write)
+    events.publish(claim.job_id, "status", {"status": outcome})
+    if publish:
+        # The next steps of a chunked job, made runnable by this one: after commit.
+        enqueue_jobs(publish)
     if outcome == "stale":
         log.warning(
             "job %s attempt %d: result refused, the job moved on without it",
@@ -151,18 +224,22 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 
 
 def dispatch_due() -> int:
-    """Publish the jobs whose delay is over; the rows are marked first, then published."""
+    """Publish the jobs and webhook deliveries whose delay is over; rows first, then messages."""
     with session_scope() as session:
         due = jobs.take_due(session=session)
+        due_deliveries = deliveries.take_due(session)
     if due:
         enqueue_jobs(due)
-    return len(due)
+    if due_deliveries:
+        enqueue_deliveries(due_deliveries)
+    return len(due) + len(due_deliveries)
 
 
 def reconcile() -> jobs.Reconciled:
     """One reconciler pass (see chatjobs.jobs.reconcile)."""
     with session_scope() as session:
         done = jobs.reconcile(session=session)
+        deliveries.reconcile(session)
     if any(vars(done).values()):
         log.info("reconciled: %s", done)
     return done

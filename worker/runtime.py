@@ -18,9 +18,13 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from chatjobs import jobs
+import redis
+
+from chatjobs import events, jobs
 from chatjobs.db import session_scope
 from chatjobs.errors import LeaseLost
+from chatjobs.limiter import RateLimiter
+from chatjobs.routing import Route
 from chatjobs.settings import get_settings
 from chatjobs.upstream import Completion, build_client, chat_completion
 
@@ -44,6 +48,7 @@ class Runtime:
         ).start()
         ready.wait()
         self.client = self.submit(self._build_client()).result()
+        self.limiter = RateLimiter(redis.Redis.from_url(get_settings().redis_url))
         threading.Thread(target=self._heartbeat, name="chatjobs-heartbeat", daemon=True).start()
 
     def _run_loop(self, ready: threading.Event) -> None:
@@ -59,10 +64,25 @@ class Runtime:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def call(self, claim: jobs.Claim) -> Completion:
+    def call(self, claim: jobs.Claim, route: Route) -> Completion:
         """Run one upstream call for a claimed job; LeaseLost if the job was taken away."""
         key = (claim.job_id, claim.attempt)
-        future = self.submit(chat_completion(claim.request, model=claim.model, client=self.client))
+        on_delta = None
+        if claim.request.get("stream"):
+
+            def on_delta(delta: dict[str, Any]) -> None:
+                events.publish(claim.job_id, "delta", {"delta": delta})
+
+        future = self.submit(
+            chat_completion(
+                claim.request,
+                model=claim.model,
+                client=self.client,
+                base_url=route.base_url,
+                api_key=route.api_key(),
+                on_delta=on_delta,
+            )
+        )
         with self._lock:
             self._held[key] = future
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from worker import execute
+from worker import execute, webhook
 from worker.celery_app import app
 
 
@@ -12,6 +12,12 @@ from worker.celery_app import app
 def run_job(job_id: str) -> None:
     """Run one attempt of a job (a redelivered message claims nothing and returns)."""
     execute.run_job(uuid.UUID(job_id))
+
+
+@app.task(name="chatjobs.deliver_webhook", ignore_result=True)
+def deliver_webhook(delivery_id: str) -> None:
+    """Make one attempt at a webhook delivery."""
+    webhook.deliver(uuid.UUID(delivery_id))
 
 
 @app.task(name="chatjobs.dispatch_due", ignore_result=True)

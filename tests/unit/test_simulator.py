@@ -26,6 +26,7 @@ from chatjobs.simulator import (
     count_text_tokens,
     create_app,
 )
+from chatjobs.tokens import MESSAGE_PART_TOKENS, count_messages, count_text, lookup_model
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -83,19 +84,26 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 # Tokens and content
 
 
-def test_token_counting() -> None:
+def test_token_counting_matches_chatjobs_o200k() -> None:
     assert count_text_tokens("") == 0
-    assert count_text_tokens("a") == 1
-    assert count_text_tokens("abcd") == 1
-    assert count_text_tokens("abcde") == 2
-    # 3 priming + per message 3 + role + content (+ name).
+    assert count_text_tokens("hello world") == 2
+    assert count_text_tokens("abcdefgh") == count_text("abcdefgh", "o200k_base")
+    # 3 priming + per message 3 + role + content (+ name + 1).
     assert count_prompt_tokens([{"role": "user", "content": "hi"}]) == 3 + 3 + 1 + 1
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "be brief", "name": "rules"},
         {"role": "user", "content": [{"type": "text", "text": "abcdefgh"}, {"type": "image_url"}]},
         {"role": "assistant", "content": None},
     ]
-    assert count_prompt_tokens(messages) == 3 + (3 + 2 + 2 + 2) + (3 + 1 + 2) + (3 + 3)
+    t = count_text_tokens
+    expected = (
+        3
+        + (3 + t("system") + t("be brief") + t("rules") + 1)
+        + (3 + t("user") + t("abcdefgh") + MESSAGE_PART_TOKENS)
+        + (3 + t("assistant"))
+    )
+    assert count_prompt_tokens(messages) == expected
+    assert expected == count_messages(messages, lookup_model("gpt-4.1")).tokens
 
 
 def test_deterministic_content_and_usage() -> None:
@@ -171,7 +179,8 @@ def test_n_choices_multiply_completion_usage() -> None:
 def test_stream_equals_non_stream(delay: float) -> None:
     async def body() -> None:
         async with sim_client(SimConfig(stream_chunk_delay=delay)) as client:
-            for extra in ({}, {"max_tokens": 10}, {"n": 2}):
+            # 20, not 10: the "Simulated reply <hex>:" prefix alone can take 10 o200k tokens.
+            for extra in ({}, {"max_tokens": 20}, {"n": 2}):
                 plain = (await client.post(URL, json=chat(**extra))).json()
                 streamed = await client.post(
                     URL, json=chat(stream=True, stream_options={"include_usage": True}, **extra)

@@ -39,13 +39,15 @@ COMPLETION = {
 
 
 def client_for(handler: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url="http://up/v1", transport=httpx.MockTransport(handler))
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
 
 
 def call(request: dict[str, Any], *, model: str, client: httpx.AsyncClient) -> Any:
     async def run() -> Any:
         async with client:
-            return await chat_completion(request, model=model, client=client)
+            return await chat_completion(
+                request, model=model, client=client, base_url="http://up/v1", api_key="sk-1"
+            )
 
     return asyncio.run(run())
 
@@ -55,11 +57,13 @@ def test_success_returns_completion_and_usage_and_sends_model() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen["url"] = str(request.url)
+        seen["auth"] = request.headers.get("authorization")
         seen["body"] = json.loads(request.content)
         return httpx.Response(200, json=COMPLETION, headers={"x-request-id": "req_1"})
 
     result = call(REQUEST, model="gpt-4.1", client=client_for(handler))
     assert seen["url"] == "http://up/v1/chat/completions"
+    assert seen["auth"] == "Bearer sk-1"
     assert seen["body"] == {**REQUEST, "model": "gpt-4.1"}
     assert result.body == COMPLETION
     assert result.usage == {"prompt_tokens": 8, "completion_tokens": 2, "total_tokens": 10}
@@ -130,6 +134,12 @@ def test_retry_after_prefers_milliseconds_and_reads_seconds() -> None:
     assert retry_after(httpx.Headers({"retry-after-ms": "1500", "retry-after": "9"})) == 1.5
     assert retry_after(httpx.Headers({"retry-after": "2"})) == 2.0
     assert retry_after(httpx.Headers({})) is None
+
+
+def test_garbled_retry_after_is_ignored() -> None:
+    for value in ("after lunch", "inf", "nan", ""):
+        assert retry_after(httpx.Headers({"retry-after": value})) is None
+    assert retry_after(httpx.Headers({"retry-after-ms": "inf", "retry-after": "3"})) == 3.0
 
 
 def test_errors_pickle_without_losing_fields() -> None:

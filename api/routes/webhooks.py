@@ -1,0 +1,128 @@
+"""Webhook signing secrets, and a job's deliveries."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+from pydantic import BaseModel, Field
+
+from api.deps import TenantDep
+from chatjobs import deliveries, jobs
+from chatjobs.db import session_scope
+from chatjobs.models import DeliveryStatus, WebhookSecret
+
+router = APIRouter(tags=["webhooks"])
+
+
+class SecretRead(BaseModel):
+    secret: str
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class SecretList(BaseModel):
+    """The secrets in force, newest first: each delivery is signed with all of them."""
+
+    data: list[SecretRead]
+
+
+class AttemptRead(BaseModel):
+    attempt: int
+    status_code: int | None
+    latency_ms: int
+    error: str | None
+    blocked: bool
+    created_at: datetime
+
+
+class DeliveryRead(BaseModel):
+    id: uuid.UUID
+    event_type: str
+    webhook_id: str
+    url: str
+    status: DeliveryStatus
+    attempts: list[AttemptRead]
+    next_attempt_at: datetime | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+def _secrets(rows: list[WebhookSecret]) -> SecretList:
+    return SecretList(
+        data=[
+            SecretRead(secret=r.secret, created_at=r.created_at, expires_at=r.expires_at)
+            for r in rows
+        ]
+    )
+
+
+@router.get("/v1/webhooks/secret", response_model=SecretList)
+def get_secret(tenant_id: TenantDep) -> SecretList:
+    """The tenant's signing secrets (whsec_...); one is created on first use."""
+    with session_scope() as session:
+        return _secrets(deliveries.active_secrets(session, tenant_id))
+
+
+@router.post("/v1/webhooks/secret/rotate", response_model=SecretList)
+def rotate_secret(
+    tenant_id: TenantDep,
+    overlap_seconds: Annotated[float, Body(embed=True, ge=0, le=30 * 86400)] = 86400,
+) -> SecretList:
+    """Start signing with a new secret; the old one also signs for ``overlap_seconds``."""
+    with session_scope() as session:
+        return _secrets(deliveries.rotate_secret(session, tenant_id, overlap_seconds))
+
+
+@router.get("/v1/jobs/{job_id}/deliveries", response_model=list[DeliveryRead])
+def list_deliveries(job_id: uuid.UUID, tenant_id: TenantDep) -> list[DeliveryRead]:
+    """The job's webhook deliveries, each with every attempt made."""
+    with session_scope() as session:
+        jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        rows = deliveries.list_for_job(session, tenant_id, job_id)
+        attempts = deliveries.attempts_for(session, [r.id for r in rows])
+        return [
+            DeliveryRead(
+                id=r.id,
+                event_type=r.event_type,
+                webhook_id=r.msg_id,
+                url=r.url,
+                status=r.status,
+                attempts=[
+                    AttemptRead(
+                        attempt=a.attempt,
+                        status_code=a.status_code,
+                        latency_ms=a.latency_ms,
+                        error=a.error,
+                        blocked=a.blocked,
+                        created_at=a.created_at,
+                    )
+                    for a in attempts
+                    if a.delivery_id == r.id
+                ],
+                next_attempt_at=r.next_attempt_at,
+                last_status_code=r.last_status_code,
+                last_error=r.last_error,
+                created_at=r.created_at,
+                delivered_at=r.delivered_at,
+            )
+            for r in rows
+        ]
+
+
+class Redelivered(BaseModel):
+    id: uuid.UUID
+    status: DeliveryStatus
+    webhook_id: str = Field(description="the same webhook-id as every earlier attempt")
+
+
+@router.post("/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", response_model=Redelivered)
+def redeliver(job_id: uuid.UUID, delivery_id: uuid.UUID, tenant_id: TenantDep) -> Redelivered:
+    """Send a delivery again (same webhook-id), whatever became of it."""
+    with session_scope() as session:
+        row = deliveries.redeliver(session, tenant_id, job_id, delivery_id)
+        return Redelivered(id=row.id, status=row.status, webhook_id=row.msg_id)

@@ -1,0 +1,303 @@
+"""Webhook deliveries: the only writer of delivery state, and the tenants' signing secrets.
+
+A job that ends (succeeded, failed, cancelled, expired) with a webhook_url gets one delivery
+row in the same transaction, so an event is never lost. The dispatcher publishes due
+deliveries; each attempt is fenced like a job claim and logged.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Text, cast, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from chatjobs.errors import NotFound
+from chatjobs.models import (
+    DeliveryStatus,
+    Job,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookSecret,
+)
+from chatjobs.settings import get_settings
+from chatjobs.webhooks import DeliveryResult, new_secret
+
+
+class DeliveryNotFound(NotFound):
+    """No delivery with that id for that job is visible to this tenant."""
+
+
+def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str) -> None:
+    """Record one delivery per job that asked for a webhook; the same event only once."""
+    ids = list(job_ids)
+    if not ids:
+        return
+    rows = select(
+        Job.tenant_id,
+        Job.id,
+        literal(event_type),
+        func.concat("msg_", func.replace(cast(func.gen_random_uuid(), Text), "-", "")),
+        Job.webhook_url,
+        func.now(),
+    ).where(Job.id.in_(ids), Job.webhook_url.is_not(None))
+    session.execute(
+        insert(WebhookDelivery)
+        .from_select(
+            ["tenant_id", "job_id", "event_type", "msg_id", "url", "next_attempt_at"], rows
+        )
+        .on_conflict_do_nothing(constraint="uq_webhook_deliveries_job_event")
+    )
+
+
+def take_due(session: Session, limit: int = 1000) -> list[uuid.UUID]:
+    """Claim the right to publish due deliveries (SKIP LOCKED, like jobs)."""
+    due = (
+        select(WebhookDelivery.id)
+        .where(
+            WebhookDelivery.status == DeliveryStatus.pending,
+            WebhookDelivery.next_attempt_at <= func.now(),
+        )
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return list(
+        session.scalars(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id.in_(due))
+            .values(next_attempt_at=None, updated_at=func.now())
+            .returning(WebhookDelivery.id)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID
+    event_type: str
+    msg_id: str
+    url: str
+    payload: str | None
+    attempts: int
+
+
+def claim(session: Session, delivery_id: uuid.UUID) -> Claimed | None:
+    """Take one pending delivery for an attempt; None if another worker has it or it is done."""
+    lease = timedelta(seconds=get_settings().webhook_timeout_seconds * 4)
+    row = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == DeliveryStatus.pending,
+        )
+        .values(
+            status=DeliveryStatus.delivering,
+            attempts=WebhookDelivery.attempts + 1,
+            lease_expires_at=func.now() + lease,
+            updated_at=func.now(),
+        )
+        .returning(
+            WebhookDelivery.id,
+            WebhookDelivery.tenant_id,
+            WebhookDelivery.job_id,
+            WebhookDelivery.event_type,
+            WebhookDelivery.msg_id,
+            WebhookDelivery.url,
+            WebhookDelivery.payload,
+            WebhookDelivery.attempts,
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return Claimed(**row._mapping)
+
+
+def store_payload(session: Session, delivery_id: uuid.UUID, payload: str) -> None:
+    """Fix the body at the first attempt: every retry sends the same bytes."""
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.payload.is_(None))
+        .values(payload=payload)
+    )
+
+
+def retry_schedule() -> list[float]:
+    raw = get_settings().webhook_retry_schedule
+    return [float(x) for x in raw.split(",") if x.strip()]
+
+
+def record_attempt(session: Session, claimed: Claimed, result: DeliveryResult) -> DeliveryStatus:
+    """Log the attempt and move the delivery on: done, gone, blocked, retry later, or failed."""
+    session.add(
+        WebhookAttempt(
+            delivery_id=claimed.id,
+            attempt=claimed.attempts,
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=result.error,
+            blocked=result.blocked,
+        )
+    )
+    schedule = retry_schedule()
+    values: dict[str, object] = {
+        "last_status_code": result.status_code,
+        "last_error": result.error,
+        "lease_expires_at": None,
+        "updated_at": func.now(),
+    }
+    if result.ok:
+        status = DeliveryStatus.succeeded
+        values["delivered_at"] = func.now()
+    elif result.gone:
+        status = DeliveryStatus.gone
+    elif result.blocked:
+        status = DeliveryStatus.blocked
+    elif claimed.attempts < len(schedule):
+        status = DeliveryStatus.pending
+        delay = max(schedule[claimed.attempts], result.retry_after or 0.0)
+        values["next_attempt_at"] = func.now() + timedelta(seconds=delay)
+    else:
+        status = DeliveryStatus.failed
+    values["status"] = status
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == claimed.id,
+            WebhookDelivery.status == DeliveryStatus.delivering,
+            WebhookDelivery.attempts == claimed.attempts,
+        )
+        .values(**values)
+    )
+    if status == DeliveryStatus.gone:
+        # 410 means the receiver is gone: stop everything else queued for that URL too.
+        session.execute(
+            update(WebhookDelivery)
+            .where(
+                WebhookDelivery.tenant_id == claimed.tenant_id,
+                WebhookDelivery.url == claimed.url,
+                WebhookDelivery.status == DeliveryStatus.pending,
+            )
+            .values(
+                status=DeliveryStatus.gone,
+                updated_at=func.now(),
+                last_error="an earlier delivery to this URL answered 410",
+            )
+        )
+    session.flush()
+    return status
+
+
+def reconcile(session: Session) -> int:
+    """Deliveries whose worker died mid-attempt, or whose message was lost, become due."""
+    stale = func.now() - timedelta(seconds=get_settings().stale_queued_seconds)
+    rows = session.execute(
+        update(WebhookDelivery)
+        .where(
+            (
+                (WebhookDelivery.status == DeliveryStatus.delivering)
+                & (WebhookDelivery.lease_expires_at < func.now())
+            )
+            | (
+                (WebhookDelivery.status == DeliveryStatus.pending)
+                & WebhookDelivery.next_attempt_at.is_(None)
+                & (WebhookDelivery.updated_at < stale)
+            )
+        )
+        .values(
+            status=DeliveryStatus.pending,
+            next_attempt_at=func.now(),
+            lease_expires_at=None,
+            updated_at=func.now(),
+        )
+        .returning(WebhookDelivery.id)
+    ).all()
+    return len(rows)
+
+
+def list_for_job(
+    session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID
+) -> list[WebhookDelivery]:
+    return list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.tenant_id == tenant_id, WebhookDelivery.job_id == job_id)
+            .order_by(WebhookDelivery.created_at)
+        )
+    )
+
+
+def attempts_for(session: Session, delivery_ids: list[uuid.UUID]) -> list[WebhookAttempt]:
+    return list(
+        session.scalars(
+            select(WebhookAttempt)
+            .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+            .order_by(WebhookAttempt.id)
+        )
+    )
+
+
+def redeliver(
+    session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, delivery_id: uuid.UUID
+) -> WebhookDelivery:
+    """Send a delivery again, under the same webhook-id, whatever its state."""
+    row = session.scalars(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.tenant_id == tenant_id,
+            WebhookDelivery.job_id == job_id,
+            WebhookDelivery.status != DeliveryStatus.delivering,
+        )
+        .values(status=DeliveryStatus.pending, next_attempt_at=func.now(), updated_at=func.now())
+        .returning(WebhookDelivery)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        raise DeliveryNotFound(f"no delivery {delivery_id} for job {job_id} that can be resent")
+    return row
+
+
+# --- signing secrets -------------------------------------------------------------------
+
+
+def active_secrets(session: Session, tenant_id: uuid.UUID) -> list[WebhookSecret]:
+    """The tenant's secrets in force, newest first; one is created on first use."""
+    rows = list(
+        session.scalars(
+            select(WebhookSecret)
+            .where(
+                WebhookSecret.tenant_id == tenant_id,
+                (WebhookSecret.expires_at.is_(None)) | (WebhookSecret.expires_at > func.now()),
+            )
+            .order_by(WebhookSecret.created_at.desc())
+        )
+    )
+    if rows:
+        return rows
+    secret = WebhookSecret(tenant_id=tenant_id, secret=new_secret())
+    session.add(secret)
+    session.flush()
+    return [secret]
+
+
+def rotate_secret(
+    session: Session, tenant_id: uuid.UUID, overlap_seconds: float
+) -> list[WebhookSecret]:
+    """Add a new secret; the old ones stay valid (both signatures sent) for the overlap."""
+    active_secrets(session, tenant_id)
+    session.execute(
+        update(WebhookSecret)
+        .where(WebhookSecret.tenant_id == tenant_id, WebhookSecret.expires_at.is_(None))
+        .values(expires_at=func.now() + timedelta(seconds=overlap_seconds))
+    )
+    session.add(WebhookSecret(tenant_id=tenant_id, secret=new_secret()))
+    session.flush()
+    return active_secrets(session, tenant_id)

@@ -1,0 +1,83 @@
+"""One webhook delivery attempt: claim, fix the body, sign, POST to the checked address, log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from functools import lru_cache
+
+import httpx
+
+from chatjobs import deliveries, jobs, ssrf, webhooks
+from chatjobs.db import session_scope
+from chatjobs.models import DeliveryStatus
+from chatjobs.schemas import JobRead
+from chatjobs.settings import get_settings
+
+log = logging.getLogger("chatjobs.webhooks")
+_local = threading.local()
+
+
+@lru_cache
+def allowlist() -> tuple[ssrf.IPNetwork, ...]:
+    return ssrf.parse_allowlist(get_settings().webhook_allow_private)
+
+
+def _client() -> httpx.Client:
+    # One client per thread: deliveries to untrusted receivers share no connection state.
+    client = getattr(_local, "client", None)
+    if client is None:
+        client = webhooks.build_client(timeout=get_settings().webhook_timeout_seconds)
+        _local.client = client
+    return client
+
+
+def deliver(delivery_id: uuid.UUID) -> str:
+    """Make one attempt at a delivery; returns its new status (or "skipped")."""
+    with session_scope() as session:
+        claimed = deliveries.claim(session, delivery_id)
+        if claimed is None:
+            return "skipped"
+        payload = claimed.payload
+        if payload is None:
+            job = jobs.get_job(session=session, tenant_id=claimed.tenant_id, job_id=claimed.job_id)
+            payload = json.dumps(
+                {
+                    "type": claimed.event_type,
+                    "timestamp": datetime.now(UTC).isoformat(),
+                    "data": JobRead.from_job(job).model_dump(mode="json"),
+                },
+                separators=(",", ":"),
+            )
+            deliveries.store_payload(session, claimed.id, payload)
+        secrets = [s.secret for s in deliveries.active_secrets(session, claimed.tenant_id)]
+    body = payload.encode()
+    headers = webhooks.build_headers(claimed.msg_id, int(time.time()), body, secrets)
+    result = webhooks.deliver(
+        claimed.url,
+        body,
+        headers,
+        allow=allowlist(),
+        timeout=get_settings().webhook_timeout_seconds,
+        client=_client(),
+    )
+    with session_scope() as session:
+        status = deliveries.record_attempt(session, claimed, result)
+    level = logging.WARNING if status == DeliveryStatus.blocked else logging.INFO
+    log.log(
+        level,
+        "webhook delivery=%s job=%s event=%s attempt=%d status=%s http=%s latency_ms=%d error=%s",
+        claimed.id,
+        claimed.job_id,
+        claimed.event_type,
+        claimed.attempts,
+        status.value,
+        result.status_code,
+        result.latency_ms,
+        result.error,
+    )
+    return status.value
