@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_, update
+from sqlalchemy import case, cast, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -246,7 +246,11 @@ def defer_job(*, session: Session, job_id: uuid.UUID, attempt: int, delay: float
     row = session.execute(
         _fenced(job_id, attempt)
         .values(
-            status=case((first, JobStatus.queued), else_=JobStatus.retrying),
+            # psycopg sends the CASE's branches as text; the enum column needs the cast.
+            status=cast(
+                case((first, JobStatus.queued.value), else_=JobStatus.retrying.value),
+                Job.status.type,
+            ),
             attempts=Job.attempts - 1,
             started_at=case((first, None), else_=Job.started_at),
             next_attempt_at=func.now() + timedelta(seconds=delay),
