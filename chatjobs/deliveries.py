@@ -40,6 +40,7 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
     rows = select(
         Job.tenant_id,
         Job.id,
+        Job.queue,
         literal(event_type),
         func.concat("msg_", func.replace(cast(func.gen_random_uuid(), Text), "-", "")),
         Job.webhook_url,
@@ -48,7 +49,8 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
     session.execute(
         insert(WebhookDelivery)
         .from_select(
-            ["tenant_id", "job_id", "event_type", "msg_id", "url", "next_attempt_at"], rows
+            ["tenant_id", "job_id", "queue", "event_type", "msg_id", "url", "next_attempt_at"],
+            rows,
         )
         .on_conflict_do_nothing(constraint="uq_webhook_deliveries_job_event")
     )
@@ -59,6 +61,7 @@ def take_due(session: Session, limit: int = 1000) -> list[uuid.UUID]:
     due = (
         select(WebhookDelivery.id)
         .where(
+            WebhookDelivery.queue == get_settings().queue_name,
             WebhookDelivery.status == DeliveryStatus.pending,
             WebhookDelivery.next_attempt_at <= func.now(),
         )
@@ -201,6 +204,7 @@ def reconcile(session: Session) -> int:
     rows = session.execute(
         update(WebhookDelivery)
         .where(
+            WebhookDelivery.queue == get_settings().queue_name,
             (
                 (WebhookDelivery.status == DeliveryStatus.delivering)
                 & (WebhookDelivery.lease_expires_at < func.now())
@@ -209,7 +213,7 @@ def reconcile(session: Session) -> int:
                 (WebhookDelivery.status == DeliveryStatus.pending)
                 & WebhookDelivery.next_attempt_at.is_(None)
                 & (WebhookDelivery.updated_at < stale)
-            )
+            ),
         )
         .values(
             status=DeliveryStatus.pending,

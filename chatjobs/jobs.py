@@ -83,6 +83,7 @@ def create_job(
         "prompt_token_estimate": plan.prompt_tokens,
         "token_count_method": plan.method,
         "priority": body.priority,
+        "queue": settings.queue_name,
         "max_attempts": body.max_attempts or settings.max_attempts,
         "deadline": deadline,
         "idempotency_key": idempotency_key,
@@ -354,7 +355,11 @@ def take_due(*, session: Session, limit: int = 1000) -> list[uuid.UUID]:
     """
     due = (
         select(Job.id)
-        .where(Job.status.in_(_PENDING), Job.next_attempt_at <= func.now())
+        .where(
+            Job.queue == get_settings().queue_name,
+            Job.status.in_(_PENDING),
+            Job.next_attempt_at <= func.now(),
+        )
         .order_by(Job.next_attempt_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -393,9 +398,10 @@ def reconcile(*, session: Session) -> Reconciled:
       so the dispatcher publishes them again.
     """
     settings = get_settings()
+    mine = Job.queue == settings.queue_name
     expired = session.execute(
         update(Job)
-        .where(Job.status.in_(_CANCELLABLE), Job.deadline < func.now())
+        .where(mine, Job.status.in_(_CANCELLABLE), Job.deadline < func.now())
         .values(
             status=JobStatus.expired,
             completed_at=func.now(),
@@ -411,7 +417,7 @@ def reconcile(*, session: Session) -> Reconciled:
         )
         .returning(Job.id)
     ).all()
-    lost = (Job.status == JobStatus.running, Job.lease_expires_at < func.now())
+    lost = (mine, Job.status == JobStatus.running, Job.lease_expires_at < func.now())
     lost_message = func.concat(
         "the worker running attempt ",
         Job.attempts,
@@ -458,6 +464,7 @@ def reconcile(*, session: Session) -> Reconciled:
     republished = session.execute(
         update(Job)
         .where(
+            mine,
             Job.status.in_(_PENDING),
             Job.next_attempt_at.is_(None),
             Job.updated_at < stale_before,
@@ -552,6 +559,7 @@ def _insert_steps(
             "prompt_token_estimate": count_messages(request["messages"], spec).tokens,
             "token_count_method": spec.encoding or "estimate",
             "priority": parent.priority,
+            "queue": parent.queue,
             "max_attempts": parent.max_attempts,
             "deadline": parent.deadline,
             "parent_id": parent.id,

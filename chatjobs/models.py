@@ -132,6 +132,9 @@ class Job(Base):
     prompt_token_estimate: Mapped[int | None] = mapped_column(Integer)
 
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # The broker queue this job's deployment serves: a dispatcher or reconciler only touches
+    # its own queue's jobs, so several deployments can share one database.
+    queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=6)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -225,6 +228,7 @@ class WebhookDelivery(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     event_type: Mapped[str] = mapped_column(String(40))
+    queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     msg_id: Mapped[str] = mapped_column(String(64), unique=True)
     url: Mapped[str] = mapped_column(Text)
     status: Mapped[DeliveryStatus] = mapped_column(

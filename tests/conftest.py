@@ -76,7 +76,7 @@ def stack_env(database_url: str, simulator: str) -> Iterator[dict[str, str]]:
         "CHATJOBS_RETRY_CAP_SECONDS": "1",
         "CHATJOBS_DISPATCH_INTERVAL_SECONDS": "0.2",
         "CHATJOBS_WORKER_CONCURRENCY": "16",
-        "CHATJOBS_UPSTREAM_READ_TIMEOUT": "3",
+        "CHATJOBS_UPSTREAM_READ_TIMEOUT": "30",
     }
     saved = dict(os.environ)
     os.environ.update(env)

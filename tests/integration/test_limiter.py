@@ -76,10 +76,19 @@ def limiter(redis_client: redis.Redis, prefix: str) -> RateLimiter:
 
 
 def run_senders(
-    prefix: str, limits: dict[str, float], *, seconds: float, tokens: Sequence[int] = (1,)
+    client: redis.Redis,
+    prefix: str,
+    limits: dict[str, float],
+    *,
+    seconds: float,
+    tokens: Sequence[int] = (1,),
 ) -> tuple[float, list[Send]]:
     """Two sender processes sharing one key for `seconds`; returns the start and all sends."""
-    start_at = time.time() + 1.5  # both interpreters are up and imported by then
+    # Other suites flush the shared test database (tests/conftest.py does at session start); a
+    # flush mid-run wipes the shared schedule and voids the measurement, so detect it.
+    sentinel = f"{prefix}:sentinel"
+    client.set(sentinel, 1)
+    start_at = time.time() + 1.0  # both interpreters are up and imported by then
     procs = []
     for offset in range(2):
         cfg = {
@@ -105,6 +114,8 @@ def run_senders(
         out, err = proc.communicate(timeout=seconds + 30)
         assert proc.returncode == 0, err
         sends += [(float(t), int(n)) for t, n in json.loads(out)]
+    if not client.exists(sentinel):
+        pytest.skip("another process flushed the test database while the senders ran")
     return start_at, sorted(sends)
 
 
@@ -137,16 +148,20 @@ def comparable(state: dict[str, object]) -> dict[str, object]:
 # --- pacing -----------------------------------------------------------------------------------
 
 
-def test_two_processes_keep_120_rpm_busy_and_no_minute_holds_more(prefix: str) -> None:
-    start, sends = run_senders(prefix, {"rpm": 120}, seconds=62)
+def test_two_processes_keep_120_rpm_busy_and_no_minute_holds_more(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    start, sends = run_senders(redis_client, prefix, {"rpm": 120}, seconds=62)
 
     assert busiest(sends, 60) <= 120
     # Paced at 0.98 * 120 per minute: 118 fit in the first minute (floor(117.6) + 1).
     assert sum(start <= t <= start + 60 for t, _ in sends) >= 115
 
 
-def test_two_processes_on_a_2s_window_never_exceed_40_requests(prefix: str) -> None:
-    start, sends = run_senders(prefix, {"rpm": 40, "window_seconds": 2}, seconds=5)
+def test_two_processes_on_a_2s_window_never_exceed_40_requests(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    start, sends = run_senders(redis_client, prefix, {"rpm": 40, "window_seconds": 2}, seconds=5)
 
     assert busiest(sends, 2) <= 40
     assert sum(start <= t <= start + 2 for t, _ in sends) >= 36
@@ -154,13 +169,17 @@ def test_two_processes_on_a_2s_window_never_exceed_40_requests(prefix: str) -> N
     assert busiest(sends, 1) <= 21
 
 
-def test_two_processes_never_exceed_tpm_with_mixed_call_sizes(prefix: str) -> None:
+def test_two_processes_never_exceed_tpm_with_mixed_call_sizes(
+    redis_client: redis.Redis, prefix: str
+) -> None:
     sizes = [30, 150, 10, 80, 200, 60, 120, 5, 180, 40]
-    start, sends = run_senders(prefix, {"tpm": 1000, "window_seconds": 2}, seconds=5, tokens=sizes)
+    start, sends = run_senders(
+        redis_client, prefix, {"tpm": 1000, "window_seconds": 2}, seconds=4, tokens=sizes
+    )
 
     assert busiest(sends, 2, tokens=True) <= 1000
     # Busy: paced to leave room for the largest call, 0.98 * (1000 - 199) / 2 s = 392 tokens/s.
-    assert sum(n for t, n in sends if start <= t <= start + 5) >= 1600
+    assert sum(n for t, n in sends if start <= t <= start + 4) >= 1400
 
 
 def test_token_windows_hold_no_more_than_tpm_even_for_calls_beyond_the_headroom(
@@ -232,7 +251,7 @@ def test_state_expires_a_little_over_a_window_after_the_last_reservation(
     limiter.acquire("k", Limits(rpm=600, window_seconds=3), tokens=1, call_id="c")
     ttl = limiter.state("k")["ttl"]
     assert ttl is not None
-    assert 3 < ttl <= 3 + 0.1 + 1.0  # the window, the reservation, a second to spare
+    assert 3 < ttl <= 3 / 0.98 + 0.01 + 1.0  # the stretched window, the slot, a second spare
 
 
 # --- correct ----------------------------------------------------------------------------------

@@ -105,12 +105,15 @@ def test_server_errors_are_retried_up_to_max_attempts(
 
 
 def test_read_timeouts_are_retried_up_to_max_attempts(
-    client: httpx.Client, sim: httpx.Client, worker: Proc
+    make_stack: Make, api_key: str, sim: httpx.Client
 ) -> None:
-    # The session stack's read timeout is 3 s; the simulator hangs far longer.
+    # A read timeout of 2 s; the simulator hangs far longer.
+    stack = make_stack(env={"CHATJOBS_UPSTREAM_READ_TIMEOUT": "2"})
     marker = uuid.uuid4().hex
-    job = client.post("/v1/jobs", json=job_body(marker, x_sim={"hang": 60}, max_attempts=2)).json()
-    done = wait_job(client, job["id"], timeout=30)
+    with stack.client(api_key) as client:
+        body = job_body(marker, x_sim={"hang": 60}, max_attempts=2)
+        job = client.post("/v1/jobs", json=body).json()
+        done = wait_job(client, job["id"], timeout=30)
     assert done["status"] == "failed"
     assert done["attempts"] == 2
     assert done["error"]["type"] == "upstream_timeout"
