@@ -306,21 +306,36 @@ def _finish(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) ->
     row = session.execute(
         _fenced(job_id, attempt)
         .values(completed_at=func.now(), updated_at=func.now(), lease_expires_at=None, **values)
-        .returning(Job.parent_id)
+        .returning(Job.parent_id, Job.webhook_url)
     ).one_or_none()
     if row is None:
         return None
-    deliveries.queue_events(session, [job_id], f"job.{values['status'].value}")
+    if row.webhook_url is not None:
+        deliveries.queue_events(session, [job_id], f"job.{values['status'].value}")
     if row.parent_id is None:
         return Written([])
     return Written(advance_parent(session=session, parent_id=row.parent_id))
 
 
 def finish_succeeded(
-    *, session: Session, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    result: dict[str, Any],
+    usage: dict[str, int] | None = None,
 ) -> Written | None:
-    """Write the result once; None if this attempt no longer holds the job."""
-    return _finish(session, job_id, attempt, status=JobStatus.succeeded, result=result, error=None)
+    """Write the result once, adding the call's usage in the same statement; None if this
+    attempt no longer holds the job (then the caller adds the usage with add_usage)."""
+    return _finish(
+        session,
+        job_id,
+        attempt,
+        status=JobStatus.succeeded,
+        result=result,
+        error=None,
+        **_usage_increments(usage),
+    )
 
 
 def finish_failed(
@@ -492,6 +507,7 @@ def record_call(
     usage: dict[str, int] | None,
     request_id: str | None,
     error: str | None,
+    add_usage: bool = True,
 ) -> None:
     """Log one upstream call and add its tokens to the job's usage, whatever came of it.
 
@@ -514,18 +530,29 @@ def record_call(
             error=error,
         )
     )
-    if usage:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                prompt_tokens=Job.prompt_tokens + usage.get("prompt_tokens", 0),
-                completion_tokens=Job.completion_tokens + usage.get("completion_tokens", 0),
-                total_tokens=Job.total_tokens + usage.get("total_tokens", 0),
-            )
-            .execution_options(synchronize_session=False)
-        )
+    if usage and add_usage:
+        add_job_usage(session=session, job_id=job_id, usage=usage)
     session.flush()
+
+
+def _usage_increments(usage: dict[str, int] | None) -> dict[str, Any]:
+    if not usage:
+        return {}
+    return {
+        "prompt_tokens": Job.prompt_tokens + usage.get("prompt_tokens", 0),
+        "completion_tokens": Job.completion_tokens + usage.get("completion_tokens", 0),
+        "total_tokens": Job.total_tokens + usage.get("total_tokens", 0),
+    }
+
+
+def add_job_usage(*, session: Session, job_id: uuid.UUID, usage: dict[str, int]) -> None:
+    """Add a call's tokens to its job, whatever state the job is in: it was billed."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(**_usage_increments(usage))
+        .execution_options(synchronize_session=False)
+    )
 
 
 # --- chunked jobs: map and reduce steps are child jobs -----------------------------------

@@ -146,6 +146,8 @@ def _record_outcome(
             usage=usage,
             request_id=request_id,
             error=message,
+            # A success adds its usage in the finishing UPDATE: one statement fewer.
+            add_usage=completion is None,
         )
         if completion is not None:
             written = jobs.finish_succeeded(
@@ -153,7 +155,10 @@ def _record_outcome(
                 job_id=claim.job_id,
                 attempt=claim.attempt,
                 result=completion.body,
+                usage=completion.usage,
             )
+            if written is None:
+                jobs.add_job_usage(session=session, job_id=claim.job_id, usage=completion.usage)
             outcome = "succeeded"
         elif err is None:
             return "abandoned"

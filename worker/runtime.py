@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -47,7 +49,8 @@ class Runtime:
             target=self._run_loop, args=(ready,), name="chatjobs-io", daemon=True
         ).start()
         ready.wait()
-        self.client = self.submit(self._build_client()).result()
+        self.clients = self.submit(self._build_clients()).result()
+        self._next_client = itertools.count()
         self.limiter = RateLimiter(redis.Redis.from_url(get_settings().redis_url))
         threading.Thread(target=self._heartbeat, name="chatjobs-heartbeat", daemon=True).start()
 
@@ -56,10 +59,15 @@ class Runtime:
         self.loop.call_soon(ready.set)
         self.loop.run_forever()
 
-    async def _build_client(self) -> Any:
-        # One connection per slot this process can run at once: a prefork child runs one
-        # task at a time, a threads-pool process as many as the pool has threads.
-        return build_client(slots=_pool_slots)
+    async def _build_clients(self) -> list[Any]:
+        # One connection per slot this process can run at once (a prefork child runs one
+        # task at a time, a threads-pool process as many as it has threads), spread over
+        # several clients: httpcore's pool does work proportional to its size for every
+        # request, so one pool of 256 stalled the loop (measured: 256 in flight, then
+        # seconds with 3) where 16 pools of 16 keep it flowing.
+        slots = _pool_slots or get_settings().worker_concurrency
+        shards = max(1, math.ceil(slots / _SLOTS_PER_CLIENT))
+        return [build_client(slots=math.ceil(slots / shards)) for _ in range(shards)]
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -77,7 +85,7 @@ class Runtime:
             chat_completion(
                 claim.request,
                 model=claim.model,
-                client=self.client,
+                client=self.clients[next(self._next_client) % len(self.clients)],
                 base_url=route.base_url,
                 api_key=route.api_key(),
                 on_delta=on_delta,
@@ -116,11 +124,13 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
-        self.submit(self.client.aclose()).result(timeout=5)
+        for client in self.clients:
+            self.submit(client.aclose()).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 _pool_slots: int | None = None
+_SLOTS_PER_CLIENT = 16
 
 
 def set_pool_slots(slots: int) -> None:
