@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import cpu_delta, percentile, running_stack
+from bench.stack import cpu_delta, percentile, running_stack, wait_finished
 
 REQUEST = {
     "model": "gpt-4.1",
@@ -77,19 +77,8 @@ def main() -> None:
         cpu_before = stack.cpu_seconds()
         submit_s = asyncio.run(submit_all(stack.api_url, stack.key, ns.jobs, ns.concurrency))
         engine = create_engine(stack.database_url, poolclass=NullPool)
-        deadline = time.monotonic() + ns.timeout
         with engine.connect() as conn:
-            while time.monotonic() < deadline:
-                pending = conn.scalar(
-                    text(
-                        "SELECT count(*) FROM jobs WHERE status NOT IN "
-                        "('succeeded', 'failed', 'cancelled', 'expired')"
-                    )
-                )
-                conn.commit()
-                if pending == 0:
-                    break
-                time.sleep(0.2)
+            wait_finished(conn, ns.timeout)
             row = conn.execute(
                 text(
                     "SELECT count(*) FILTER (WHERE status = 'succeeded'), "

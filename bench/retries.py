@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from sqlalchemy.pool import NullPool
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.overhead import submit_all
-from bench.stack import running_stack
+from bench.stack import running_stack, wait_finished
 
 
 def main() -> None:
@@ -39,19 +38,8 @@ def main() -> None:
     with running_stack(sim_args=sim_args, env=env) as stack:
         asyncio.run(submit_all(stack.api_url, stack.key, ns.jobs, 32))
         engine = create_engine(stack.database_url, poolclass=NullPool)
-        deadline = time.monotonic() + ns.timeout
         with engine.connect() as conn:
-            while time.monotonic() < deadline:
-                pending = conn.scalar(
-                    text(
-                        "SELECT count(*) FROM jobs WHERE status NOT IN "
-                        "('succeeded', 'failed', 'cancelled', 'expired')"
-                    )
-                )
-                conn.commit()
-                if pending == 0:
-                    break
-                time.sleep(0.5)
+            wait_finished(conn, ns.timeout)
             succeeded = conn.scalar(text("SELECT count(*) FROM jobs WHERE status='succeeded'"))
             failed = conn.scalar(text("SELECT count(*) FROM jobs WHERE status='failed'"))
             calls = conn.scalar(text("SELECT count(*) FROM upstream_calls"))

@@ -6,6 +6,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
 from chatjobs.testing import Proc, free_port, python_cli, wait_http
@@ -184,6 +185,22 @@ def _new_key() -> str:
     reset_engine()
     with session_scope() as session:
         return create_key(session=session, tenant_name="bench")
+
+
+def wait_finished(conn: Connection, timeout: float, poll: float = 0.25) -> None:
+    """Block until no job of the benchmark's database is pending, or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pending = conn.scalar(
+            text(
+                "SELECT count(*) FROM jobs WHERE status NOT IN "
+                "('succeeded', 'failed', 'cancelled', 'expired')"
+            )
+        )
+        conn.commit()
+        if pending == 0:
+            return
+        time.sleep(poll)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

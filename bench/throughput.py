@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.overhead import submit_all
 from bench.peer import run_peer
-from bench.stack import Stack, cpu_delta, running_stack
+from bench.stack import Stack, cpu_delta, running_stack, wait_finished
 
 
 def request_for(i: int) -> dict[str, Any]:
@@ -48,19 +48,8 @@ def request_for(i: int) -> dict[str, Any]:
 def wait_all(database_url: str, timeout: float) -> tuple[float, int]:
     """Wait until no job is pending; returns (makespan, succeeded)."""
     engine = create_engine(database_url, poolclass=NullPool)
-    deadline = time.monotonic() + timeout
     with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            pending = conn.scalar(
-                text(
-                    "SELECT count(*) FROM jobs WHERE status NOT IN "
-                    "('succeeded', 'failed', 'cancelled', 'expired')"
-                )
-            )
-            conn.commit()
-            if pending == 0:
-                break
-            time.sleep(0.25)
+        wait_finished(conn, timeout)
         row = conn.execute(
             text(
                 "SELECT extract(epoch FROM max(completed_at) - min(created_at)), "
