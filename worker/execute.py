@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -40,32 +41,85 @@ def run_job(job_id: uuid.UUID) -> str:
     if not limited:
         return _call(runtime, claim, route)
     settings = get_settings()
-    reserved = reservation(claim)
     call_id = f"{claim.job_id}:{claim.attempt}"
-    decision = runtime.limiter.acquire(
-        route.limit_key,
-        route.limits,
-        tokens=reserved,
-        call_id=call_id,
-        max_wait=settings.limiter_max_wait_seconds,
-        lease_seconds=settings.lease_seconds,
-    )
-    if not decision.granted:
-        deferred = _with_db_retry(
-            lambda session: jobs.defer_job(
-                session=session, job_id=claim.job_id, attempt=claim.attempt, delay=decision.wait
-            )
+    ticket = _take_ticket(runtime, claim)
+    if ticket is not None:
+        # Capacity was reserved when this job was deferred: no second acquire.
+        reserved, wait = ticket
+        if wait > settings.limiter_max_wait_seconds:  # woken early: keep the slot, wait more
+            return _defer(runtime, claim, True, reserved, wait, "reserved slot")
+    else:
+        reserved = reservation(claim)
+        # Without a concurrency cap a far slot is reserved now and the job deferred to it
+        # (a "ticket"), so a deep backlog is not claimed and deferred over and over; a cap
+        # cannot be held across a deferral, so capped routes ask again instead.
+        horizon = settings.limiter_max_wait_seconds
+        if not route.limits.max_concurrency:
+            horizon = max(horizon, route.limits.window_seconds * _TICKET_WINDOWS)
+        decision = runtime.limiter.acquire(
+            route.limit_key,
+            route.limits,
+            tokens=reserved,
+            call_id=call_id,
+            max_wait=horizon,
+            lease_seconds=settings.lease_seconds,
         )
-        log.info(
-            "job %s: no %s capacity for %.1fs, deferred", job_id, decision.reason, decision.wait
-        )
-        return "deferred" if deferred else "stale"
+        wait = decision.wait
+        if not decision.granted or wait > settings.limiter_max_wait_seconds:
+            return _defer(runtime, claim, decision.granted, reserved, wait, decision.reason)
     try:
-        if decision.wait > 0:
-            time.sleep(decision.wait)
+        if wait > 0:
+            time.sleep(wait)
         return _call(runtime, claim, route, reserved=reserved)
     finally:
         runtime.limiter.release(route.limit_key, call_id)
+
+
+# How far ahead (in limit windows) a deferred job may hold a reserved slot.
+_TICKET_WINDOWS = 30
+
+
+def _ticket_key(job_id: uuid.UUID) -> str:
+    return f"chatjobs:ticket:{job_id}"
+
+
+def _take_ticket(runtime: Runtime, claim: jobs.Claim) -> tuple[int, float] | None:
+    """The reservation a deferred job holds: (tokens, seconds until its slot)."""
+    raw = runtime.redis.getdel(_ticket_key(claim.job_id))
+    if raw is None:
+        return None
+    tokens, slot = json.loads(raw)
+    return int(tokens), max(0.0, float(slot) - time.time())
+
+
+def _defer(
+    runtime: Runtime,
+    claim: jobs.Claim,
+    reserved_slot: bool,
+    tokens: int,
+    wait: float,
+    reason: str,
+) -> str:
+    """Hand the job back until its slot (or until capacity is worth asking for again)."""
+    settings = get_settings()
+    route = route_for(claim.model)
+    runtime.limiter.release(route.limit_key, f"{claim.job_id}:{claim.attempt}")
+    delay = wait
+    if reserved_slot:
+        runtime.redis.set(
+            _ticket_key(claim.job_id),
+            json.dumps([tokens, time.time() + wait]),
+            ex=int(wait) + 3600,
+        )
+        # Come back a little before the slot; the remaining wait is slept in the slot.
+        delay = max(0.0, wait - settings.limiter_max_wait_seconds / 2)
+    deferred = _with_db_retry(
+        lambda session: jobs.defer_job(
+            session=session, job_id=claim.job_id, attempt=claim.attempt, delay=delay
+        )
+    )
+    log.info("job %s: no %s capacity for %.1fs, deferred", claim.job_id, reason, wait)
+    return "deferred" if deferred else "stale"
 
 
 def reservation(claim: jobs.Claim) -> int:

@@ -51,7 +51,8 @@ class Runtime:
         ready.wait()
         self.clients = self.submit(self._build_clients()).result()
         self._next_client = itertools.count()
-        self.limiter = RateLimiter(redis.Redis.from_url(get_settings().redis_url))
+        self.redis = redis.Redis.from_url(get_settings().redis_url)
+        self.limiter = RateLimiter(self.redis)
         threading.Thread(target=self._heartbeat, name="chatjobs-heartbeat", daemon=True).start()
 
     def _run_loop(self, ready: threading.Event) -> None:
