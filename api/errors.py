@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,10 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from chatjobs.errors import (
     AuthenticationFailed,
     ChatJobsError,
+    ConfigurationError,
     Conflict,
     ContextTooLong,
     NotFound,
 )
+
+log = logging.getLogger("chatjobs.api")
 
 _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
     (NotFound, 404, "not_found"),
@@ -65,12 +69,24 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _chatjobs_error(_: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, ConfigurationError):
+        # The operator's mistake, not the client's: the details (file paths, parse errors)
+        # go to the log, the client learns only that the service is misconfigured.
+        log.error("configuration error: %s", exc)
+        return JSONResponse(
+            status_code=500,
+            content=error_body(
+                "configuration_error",
+                "the service is misconfigured; its operator must fix it (see the API log)",
+            ),
+        )
     for cls, status, type_ in _STATUS:
         if isinstance(exc, cls):
             headers = {"www-authenticate": "Bearer"} if status == 401 else None
             return JSONResponse(
                 status_code=status, content=error_body(type_, str(exc)), headers=headers
             )
+    log.error("unmapped %s", type(exc).__name__, exc_info=exc)
     return JSONResponse(status_code=500, content=error_body("internal_error", "internal error"))
 
 

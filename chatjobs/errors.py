@@ -40,6 +40,13 @@ class AuthenticationFailed(ChatJobsError):
     """The API key is missing, malformed or unknown."""
 
 
+# --- the deployment's configuration ------------------------------------------------
+
+
+class ConfigurationError(ChatJobsError):
+    """The deployment is misconfigured (a setting or a file it names); retrying will not help."""
+
+
 # --- the worker's hold on a job -------------------------------------------------------
 
 

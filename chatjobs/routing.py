@@ -27,12 +27,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from chatjobs.errors import ConfigurationError
 from chatjobs.limiter import Limits
 from chatjobs.settings import Settings, get_settings
 from chatjobs.tokens import ModelSpec, lookup_model
 
 
-class ModelsFileError(ValueError):
+class ModelsFileError(ConfigurationError):
     """The models file is missing, not TOML, or has a field that breaks its rules."""
 
 
