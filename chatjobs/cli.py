@@ -72,6 +72,16 @@ def _simulate(ns: argparse.Namespace) -> None:
     simulator.serve(simulator.config_from_args(ns), host=ns.host, port=ns.port)
 
 
+def _dev_services(ns: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from chatjobs import devservices
+
+    devservices.serve(
+        Path(ns.dir), postgres=ns.only in (None, "postgres"), redis=ns.only in (None, "redis")
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatjobs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulator.add_arguments(simulate)
     simulate.set_defaults(func=_simulate)
+
+    dev = sub.add_parser(
+        "dev-services",
+        help="run a private Postgres and Redis on free ports, print their URLs as export lines",
+    )
+    dev.add_argument("--dir", default=".run/services", help="where the data and logs live")
+    dev.add_argument("--only", choices=["postgres", "redis"], help="start just this one")
+    dev.set_defaults(func=_dev_services)
     return parser
 
 
