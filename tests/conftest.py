@@ -1,12 +1,18 @@
-"""Fixtures: a fresh database, and the real api, worker and simulator processes.
+"""Fixtures: private servers, a fresh database, and the real api, worker and simulator processes.
 
-One database and one set of processes serve the whole session; tests isolate themselves by
-creating their own tenant. Redis keys live in a database number of their own, flushed first.
+The session starts its own Postgres and Redis (chatjobs.devservices, in a temporary directory,
+on free ports) and stops them at the end, so tests may stop, restart or flush them and never
+touch a server the suite did not start. CHATJOBS_TEST_PG (an admin URL without a database) and
+CHATJOBS_TEST_REDIS point the suite at other servers instead; it then never flushes or stops
+them, and skips the tests that would. One database and one set of processes serve the whole
+session; tests isolate themselves by creating their own tenant.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,10 +23,51 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
+from chatjobs import devservices
 from chatjobs.testing import Proc, free_port, python_cli, wait_http
 
-PG_ADMIN = os.environ.get("CHATJOBS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("CHATJOBS_TEST_REDIS", "redis://127.0.0.1:6379/13")
+# The admin URL (no database) and the Redis URL: private servers unless the environment names
+# others. Set in pytest_sessionstart, before any test module imports them.
+PG_ADMIN = os.environ.get("CHATJOBS_TEST_PG", "")
+REDIS = os.environ.get("CHATJOBS_TEST_REDIS", "")
+_private: dict[str, devservices.Server] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    global PG_ADMIN, REDIS
+    directory = Path(tempfile.mkdtemp(prefix="chatjobs-test-services-"))
+    session.config.stash[_SERVICES_DIR] = directory
+    if not PG_ADMIN:
+        _private["postgres"] = devservices.start_postgres(directory, durable=False)
+        PG_ADMIN = _private["postgres"].url.replace("postgresql://", "postgresql+psycopg://")
+    if not REDIS:
+        _private["redis"] = devservices.start_redis(directory)
+        REDIS = _private["redis"].url
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for server in _private.values():
+        server.stop()
+    shutil.rmtree(session.config.stash[_SERVICES_DIR], ignore_errors=True)
+
+
+_SERVICES_DIR = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session")
+def private_postgres() -> devservices.Server:
+    """The suite's own Postgres, for tests that stop it."""
+    if "postgres" not in _private:
+        pytest.skip("CHATJOBS_TEST_PG names a server this suite did not start: never stopped")
+    return _private["postgres"]
+
+
+@pytest.fixture(scope="session")
+def private_redis() -> devservices.Server:
+    """The suite's own Redis, for tests that flush it."""
+    if "redis" not in _private:
+        pytest.skip("CHATJOBS_TEST_REDIS names a server this suite did not start: never flushed")
+    return _private["redis"]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +109,6 @@ def simulator(run_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def stack_env(database_url: str, simulator: str) -> Iterator[dict[str, str]]:
     """The environment every chatjobs process of the session runs with."""
-    import redis
-
-    redis.Redis.from_url(REDIS).flushdb()
     env = {
         **os.environ,
         "CHATJOBS_DATABASE_URL": database_url,

@@ -20,8 +20,9 @@ import pytest
 import redis
 from sqlalchemy import text
 
+from chatjobs.devservices import Server
 from chatjobs.testing import Proc, wait_job
-from tests.conftest import REDIS, MiniStack
+from tests.conftest import MiniStack
 from tests.integration.test_execution import calls_for, wait_for_log
 
 pytestmark = pytest.mark.integration
@@ -366,15 +367,15 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(
 
 
 def test_flushing_redis_with_100_jobs_queued_loses_none(
-    make_stack: Make, api_key: str, sim: httpx.Client
+    make_stack: Make, api_key: str, sim: httpx.Client, private_redis: Server
 ) -> None:
-    """FLUSHDB on the test database number: FLUSHALL would also wipe other users' data."""
+    """FLUSHALL on the suite's own Redis, never on a server the suite did not start."""
     stack = make_stack(workers=[])
-    broker = redis.Redis.from_url(REDIS)
+    broker = redis.Redis.from_url(private_redis.url)
     with stack.client(api_key) as client:
         ids = submit_many(client, 100, None, uuid.uuid4().hex)
         assert broker.llen(stack.queue) == 100
-        broker.flushdb()
+        broker.flushall()
         flushed_at = time.monotonic()
         stack.start_worker("--concurrency", "32")
         wait_until(lambda: statuses(ids).get("succeeded") == 100, 30, "all 100 succeeded")
@@ -417,37 +418,17 @@ def test_a_publish_that_fails_after_commit_still_runs_the_job(
 # --- Postgres restart (runs last) ----------------------------------------------------------
 
 
-def _cluster() -> tuple[str, str]:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return version, "main"
-
-
 @pytest.mark.disruptive
-def test_postgres_restart_while_jobs_run(make_stack: Make, api_key: str, sim: httpx.Client) -> None:
-    import subprocess
-
+def test_postgres_restart_while_jobs_run(
+    make_stack: Make, api_key: str, sim: httpx.Client, private_postgres: Server
+) -> None:
     from chatjobs.db import reset_engine
 
-    if not os.path.isdir("/etc/postgresql") or os.geteuid() != 0:
-        pytest.skip("needs root and a pg_ctlcluster-managed Postgres to restart it")
-    version, name = _cluster()
     stack = make_stack(workers=[["--concurrency", "32"]])
     with stack.client(api_key) as client:
         ids = submit_many(client, 20, {"latency": 3, "slow_times": 1}, uuid.uuid4().hex)
         wait_until(lambda: statuses(ids).get("running") == 20, 20, "20 jobs mid-call")
-        subprocess.run(
-            [
-                "pg_ctlcluster",
-                "--skip-systemctl-redirect",
-                version,
-                name,
-                "stop",
-                "--",
-                "-m",
-                "fast",
-            ],
-            check=True,
-        )
+        private_postgres.stop()
         stopped_at = time.monotonic()
         try:
             ready = httpx.get(f"{stack.url}/readyz", timeout=10)
@@ -456,9 +437,7 @@ def test_postgres_restart_while_jobs_run(make_stack: Make, api_key: str, sim: ht
             assert client.get(f"/v1/jobs/{ids[0]}").status_code == 503
             time.sleep(2)
         finally:
-            subprocess.run(
-                ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start"], check=True
-            )
+            private_postgres.start()
         reset_engine()
         wait_until(
             lambda: httpx.get(f"{stack.url}/readyz").status_code == 200,
