@@ -75,11 +75,13 @@ class Runtime:
 
     def call(self, claim: jobs.Claim, route: Route) -> Completion:
         """Run one upstream call for a claimed job; LeaseLost if the job was taken away."""
-        key = (claim.job_id, claim.attempt)
+        key = (claim.job_id, claim.claim_seq)
         on_delta = None
         if claim.request.get("stream"):
 
             def on_delta(delta: dict[str, Any]) -> None:
+                # Runs on the shared loop, once per chunk: publish only queues the event
+                # (a thread sends it), so a slow Redis cannot stall the other calls.
                 events.publish(claim.job_id, "delta", {"delta": delta})
 
         future = self.submit(
@@ -121,7 +123,7 @@ class Runtime:
                 with self._lock:
                     future = self._held.get(key)
                 if future is not None and future.cancel():
-                    log.info("job %s attempt %d: lease lost, abandoning its call", *key)
+                    log.info("job %s claim %d: lease lost, abandoning its call", *key)
 
     def close(self) -> None:
         self._stop.set()
