@@ -1,5 +1,9 @@
-"""Requests longer than the model's window: count at submit, then error, truncate, or plan a
-map-reduce whose steps run as child jobs (see chatjobs.steps)."""
+"""Requests longer than the model's window: count, then error, truncate, or plan a map-reduce
+whose steps run as child jobs (see chatjobs.jobs.steps).
+
+Planning is linear in the body but not free (about 0.1 s per MB), so the API plans only what
+is small (``plan_at_submit``) and the worker that claims a large job plans it there.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,20 @@ from chatjobs.errors import ContextTooLong
 from chatjobs.routing import model_spec, output_budget
 from chatjobs.schemas import LongContext
 from chatjobs.settings import get_settings
-from chatjobs.tokens import ModelSpec, count_messages, count_text, get_encoding
+from chatjobs.tokens import (
+    ModelSpec,
+    count_messages,
+    count_text,
+    get_encoding,
+)
+
+try:  # TEMPORARY until tokens.upper_bound_tokens lands
+    from chatjobs.tokens import upper_bound_tokens
+except ImportError:  # pragma: no cover
+    import json as _json
+
+    def upper_bound_tokens(messages: Any, tools: Any = None) -> int:  # type: ignore[misc]
+        return len(_json.dumps([messages, tools]).encode()) + 4 * len(messages) + 3
 
 DEFAULT_MAP_PROMPT = (
     "You are reading part {index} of {total} of a longer document; only this part is shown. "
@@ -32,14 +49,41 @@ _MARGIN = 16
 class Plan:
     """What submit decided: the count, and how the job will reach the upstream."""
 
-    prompt_tokens: int
-    method: str
+    prompt_tokens: int | None
+    method: str | None
     window: int
     budget: int
     strategy: str | None = None
     upstream_request: dict[str, Any] | None = None
     record: dict[str, Any] | None = None
     map_requests: list[dict[str, Any]] = field(default_factory=list)
+    map_tokens: list[int] = field(default_factory=list)
+
+
+# Below these sizes (upper bounds, in tokens) counting and planning take a few ms to ~50 ms
+# whatever the content (the counter is linear), so the API does them; above, the API stores
+# the job unplanned and the worker that claims it plans it.
+COUNT_AT_SUBMIT = 64 * 1024
+PLAN_AT_SUBMIT = 512 * 1024
+
+
+def plan_at_submit(
+    request: dict[str, Any], model: str, long_context: LongContext | None
+) -> Plan | None:
+    """The plan when it is cheap to make now; None when the worker must make it.
+
+    A token is at least one byte, so a body whose bytes (plus framing) fit the window surely
+    fits: it is counted only if small (the count feeds the limiter's reservation; the worker
+    counts the rest itself).
+    """
+    spec = model_spec(model)
+    budget = output_budget(request, spec)
+    upper = upper_bound_tokens(request.get("messages") or [], request.get("tools"))
+    if upper <= COUNT_AT_SUBMIT or upper > spec.context_window - budget:
+        if upper > PLAN_AT_SUBMIT:
+            return None
+        return plan(request, model, long_context)
+    return Plan(None, None, spec.context_window, budget)
 
 
 def plan(request: dict[str, Any], model: str, long_context: LongContext | None) -> Plan:
@@ -64,7 +108,9 @@ def plan(request: dict[str, Any], model: str, long_context: LongContext | None) 
     if options.strategy == "truncate":
         result.upstream_request, result.record = _truncate(request, spec, budget)
         return result
-    result.map_requests, result.record = _map_requests(request, spec, budget, options)
+    result.map_requests, result.map_tokens, result.record = _map_requests(
+        request, spec, budget, options
+    )
     return result
 
 
@@ -145,7 +191,7 @@ def _document_index(messages: list[dict[str, Any]]) -> int:
 
 def _map_requests(
     request: dict[str, Any], spec: ModelSpec, budget: int, options: LongContext
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[int], dict[str, Any]]:
     messages = request["messages"]
     doc = _document_index(messages)
     map_prompt = options.map_prompt or DEFAULT_MAP_PROMPT
@@ -160,18 +206,21 @@ def _map_requests(
             f"no room for the document in a window of {spec.context_window}"
         )
     overlap = min(get_settings().chunk_overlap_tokens, room // 4)
+    # Copied once without the document, not once per chunk with it (a 10 MB copy each).
+    skeleton_request = {k: v for k, v in request.items() if k not in ("stream", "stream_options")}
+    skeleton_request["messages"] = skeleton
     chunks = split_text(
         messages[doc]["content"], encoding=spec.encoding, max_tokens=room, overlap_tokens=overlap
     )
     out_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
     requests = []
+    counts = []
     for i, chunk in enumerate(chunks):
-        step = copy.deepcopy(request)
-        step.pop("stream", None)
-        step.pop("stream_options", None)
+        step = copy.deepcopy(skeleton_request)
         step[out_key] = budget
         step["messages"][doc]["content"] = _fill(map_prompt, index=i + 1, total=len(chunks)) + chunk
         requests.append(step)
+        counts.append(count_messages(step["messages"], spec, tools=request.get("tools")).tokens)
     record = {
         "strategy": "map_reduce",
         "document_message": doc,
@@ -179,7 +228,7 @@ def _map_requests(
         "chunk_tokens": room,
         "overlap_tokens": overlap,
     }
-    return requests, record
+    return requests, counts, record
 
 
 def reduce_request(

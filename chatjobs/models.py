@@ -1,4 +1,4 @@
-"""ORM models. Only chatjobs/jobs.py changes a job's status."""
+"""ORM models. Only the chatjobs.jobs package writes jobs."""
 
 from __future__ import annotations
 
@@ -98,10 +98,20 @@ class Job(Base):
             postgresql_where=text("status IN ('queued', 'retrying')"),
         ),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
+        # The reconciler's page-by-page scan of waiting jobs for lost broker messages.
         Index(
-            "ix_jobs_stale",
-            "updated_at",
+            "ix_jobs_waiting",
+            "queue",
+            "id",
             postgresql_where=text("status IN ('queued', 'retrying') AND next_attempt_at IS NULL"),
+        ),
+        # Retention: finished top-level jobs by age.
+        Index(
+            "ix_jobs_finished",
+            "completed_at",
+            postgresql_where=text(
+                "parent_id IS NULL AND status IN ('succeeded', 'failed', 'cancelled', 'expired')"
+            ),
         ),
         UniqueConstraint("parent_id", "step_level", "step_index", name="uq_jobs_parent_id_step"),
         Index(
@@ -136,6 +146,9 @@ class Job(Base):
     # its own queue's jobs, so several deployments can share one database.
     queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The fence of every worker write: one more on each claim, never given back (a deferral
+    # gives back the attempt, not this), so (job, claim_seq) names one claim for good.
+    claim_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=6)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
@@ -153,6 +166,8 @@ class Job(Base):
     # from the one submitted (truncated, or one chunk of a map-reduce).
     token_count_method: Mapped[str | None] = mapped_column(String(32))
     upstream_request: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    # Too large to plan in the API: the worker that claims it counts and plans it first.
+    needs_plan: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     # A map or reduce step of a chunked job is a job of its own, so it is claimed, leased,
     # retried and recovered like any other; its parent waits for its children.
     parent_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -171,9 +186,12 @@ class UpstreamCall(Base):
     """One HTTP call to the upstream, whatever its outcome."""
 
     __tablename__ = "upstream_calls"
+    # Each claim makes at most one call: a retried commit finds its call logged already.
+    __table_args__ = (UniqueConstraint("job_id", "claim_seq", name="uq_upstream_calls_job_claim"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    claim_seq: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -222,6 +240,12 @@ class WebhookDelivery(Base):
             "next_attempt_at",
             postgresql_where=text("status = 'pending'"),
         ),
+        # The reconciler's search for attempts whose worker died (lease run out).
+        Index(
+            "ix_webhook_deliveries_lease",
+            "lease_expires_at",
+            postgresql_where=text("status = 'delivering'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
@@ -266,3 +290,21 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     blocked: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+
+
+class WebhookDisabledUrl(Base):
+    """A tenant's receiver URL that answered 410: nothing is sent to it until re-enabled."""
+
+    __tablename__ = "webhook_disabled_urls"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    # The key holds the URL's hash: a URL may be longer than a btree entry can be.
+    url_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    # The webhook-id of the delivery the receiver refused.
+    webhook_id: Mapped[str | None] = mapped_column(String(64))
+    disabled_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())

@@ -8,16 +8,18 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, events, jobs
+from chatjobs import deliveries, jobs, longcontext
 from chatjobs.db import session_scope
-from chatjobs.errors import LeaseLost, UpstreamError, is_retryable
-from chatjobs.queue import enqueue_deliveries, enqueue_jobs
+from chatjobs.errors import ContextTooLong, LeaseLost, UpstreamError, is_retryable
+from chatjobs.longcontext import Plan
+from chatjobs.queue import enqueue_deliveries
 from chatjobs.routing import Route, model_spec, output_budget, route_for
+from chatjobs.schemas import LongContext
 from chatjobs.settings import get_settings
 from chatjobs.tokens import count_messages
 from chatjobs.upstream import Completion
@@ -29,6 +31,7 @@ T = TypeVar("T")
 
 def run_job(job_id: uuid.UUID) -> str:
     """Run the job if it is due and unclaimed; returns what happened, for logs and tests."""
+    jobs.consumed(job_id)
     runtime = get_runtime()
     claim = _with_db_retry(
         lambda session: jobs.claim_job(session=session, job_id=job_id, worker=runtime.worker_id)
@@ -36,12 +39,59 @@ def run_job(job_id: uuid.UUID) -> str:
     if claim is None:
         log.info("job %s: nothing to claim (finished, cancelled or held by another)", job_id)
         return "skipped"
+    try:
+        if claim.needs_plan:
+            planned = _plan(claim)
+            if planned.claim is None:
+                return planned.outcome
+            claim = planned.claim
+        return _run_claimed(runtime, claim)
+    except Exception as exc:
+        # A bug or an outage inside chatjobs (not at the upstream): the attempt is recorded
+        # as failed, instead of waiting out its lease and looking like a dead worker.
+        log.exception("job %s attempt %d: unexpected error", claim.job_id, claim.attempt)
+        message = f"chatjobs could not run this attempt: {type(exc).__name__}"
+        outcome = _with_db_retry(
+            lambda session: jobs.fail_attempt(
+                session=session,
+                claim=claim,
+                message=message,
+                retry_in=retry_delay(claim.attempt, None),
+            )
+        )
+        _publish_steps(outcome.publish)
+        return outcome.status
+
+
+def _plan(claim: jobs.Claim) -> jobs.Planned:
+    """Plan a job too large to plan in the API: count, then fit, truncate, chunk or fail."""
+    request, options = _with_db_retry(
+        lambda session: jobs.load_for_plan(session=session, claim=claim)
+    )
+    try:
+        made: Plan | ContextTooLong = longcontext.plan(
+            request, claim.model, LongContext.model_validate(_strategy_options(options))
+        )
+    except ContextTooLong as exc:
+        made = exc
+    planned = _with_db_retry(
+        lambda session: jobs.apply_plan(session=session, claim=claim, plan=made, options=options)
+    )
+    _publish_steps(planned.publish)
+    return planned
+
+
+def _strategy_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: options[k] for k in ("strategy", "map_prompt", "reduce_prompt") if k in options}
+
+
+def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
     route = route_for(claim.model)
     limited = bool(route.limits.rpm or route.limits.tpm or route.limits.max_concurrency)
     if not limited:
         return _call(runtime, claim, route)
     settings = get_settings()
-    call_id = f"{claim.job_id}:{claim.attempt}"
+    call_id = _call_id(claim)
     ticket = _take_ticket(runtime, claim)
     if ticket is not None:
         # Capacity was reserved when this job was deferred: no second acquire.
@@ -72,7 +122,11 @@ def run_job(job_id: uuid.UUID) -> str:
             time.sleep(wait)
         return _call(runtime, claim, route, reserved=reserved)
     finally:
-        runtime.limiter.release(route.limit_key, call_id)
+        _advisory("release", lambda: runtime.limiter.release(route.limit_key, call_id))
+
+
+def _call_id(claim: jobs.Claim) -> str:
+    return f"{claim.job_id}:{claim.claim_seq}"
 
 
 # How far ahead (in limit windows) a deferred job may hold a reserved slot.
@@ -103,7 +157,7 @@ def _defer(
     """Hand the job back until its slot (or until capacity is worth asking for again)."""
     settings = get_settings()
     route = route_for(claim.model)
-    runtime.limiter.release(route.limit_key, f"{claim.job_id}:{claim.attempt}")
+    runtime.limiter.release(route.limit_key, _call_id(claim))
     delay = wait
     if reserved_slot:
         runtime.redis.set(
@@ -114,9 +168,7 @@ def _defer(
         # Come back a little before the slot; the remaining wait is slept in the slot.
         delay = max(0.0, wait - settings.limiter_max_wait_seconds / 2)
     deferred = _with_db_retry(
-        lambda session: jobs.defer_job(
-            session=session, job_id=claim.job_id, attempt=claim.attempt, delay=delay
-        )
+        lambda session: jobs.defer_job(session=session, claim=claim, delay=delay)
     )
     log.info("job %s: no %s capacity for %.1fs, deferred", claim.job_id, reason, wait)
     return "deferred" if deferred else "stale"
@@ -134,119 +186,109 @@ def reservation(claim: jobs.Claim) -> int:
     return prompt + output_budget(claim.request, spec)
 
 
+def _advisory(what: str, work: Callable[[], object]) -> None:
+    """Limiter bookkeeping and events: useful, never worth losing or repeating a call for."""
+    try:
+        work()
+    except Exception:
+        log.warning("%s failed (advisory; the outcome is already recorded)", what, exc_info=True)
+
+
 def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | None = None) -> str:
-    events.publish(claim.job_id, "status", {"status": "running", "attempt": claim.attempt})
     started = time.monotonic()
+    completion: Completion | None = None
+    err: UpstreamError | None = None
     try:
         completion = runtime.call(claim, route)
     except LeaseLost:
-        return _record_outcome(claim, None, None, time.monotonic() - started)
-    except UpstreamError as err:
-        if reserved is not None and err.status_code == 429:
-            # Every worker backs off at once, for as long as the upstream asked.
-            runtime.limiter.cool_down(route.limit_key, err.retry_after or 1.0)
-        return _record_outcome(claim, None, err, time.monotonic() - started)
+        pass
+    except UpstreamError as exc:
+        err = exc
+    # The outcome of a paid call is written first; limiter bookkeeping after, and its
+    # failures (Redis down, an odd usage) cannot lose or repeat the call.
+    outcome = _record_outcome(claim, completion, err, time.monotonic() - started)
     if reserved is not None:
-        runtime.limiter.correct(
-            route.limit_key,
-            route.limits,
-            reserved_tokens=reserved,
-            actual_tokens=completion.usage["total_tokens"],
-        )
-        runtime.limiter.observe(route.limit_key, route.limits, completion.ratelimit)
-    return _record_outcome(claim, completion, None, time.monotonic() - started)
+        limits, key = route.limits, route.limit_key
+        if err is not None and err.status_code == 429:
+            # Every worker backs off at once, for as long as the upstream asked.
+            _advisory("cool-down", lambda: runtime.limiter.cool_down(key, err.retry_after or 1.0))
+        if completion is not None:
+            usage = jobs.clean_usage(completion.usage) or {}
+            actual = usage.get("total_tokens", reserved)
+            _advisory(
+                "limiter correction",
+                lambda: runtime.limiter.correct(
+                    key, limits, reserved_tokens=reserved, actual_tokens=actual
+                ),
+            )
+            _advisory(
+                "limiter headers",
+                lambda: runtime.limiter.observe(key, limits, completion.ratelimit),
+            )
+    return outcome
 
 
 def _record_outcome(
     claim: jobs.Claim, completion: Completion | None, err: UpstreamError | None, elapsed: float
 ) -> str:
-    """Log the call and write what came of it, fenced on the attempt, in one transaction."""
-    stream = bool(claim.request.get("stream"))
-    latency_ms = completion.latency_ms if completion else int(elapsed * 1000)
-    status: int | None = None
-    usage: dict[str, int] | None = None
-    request_id: str | None = None
-    message: str | None = None
+    """Log the call and write what came of it, fenced on the claim, in one transaction."""
     if completion is not None:
-        status, usage, request_id = completion.status_code, completion.usage, completion.request_id
-    elif err is not None:
-        status, request_id, message = err.status_code, err.request_id, err.message
+        call = jobs.Call(
+            stream=bool(claim.request.get("stream")),
+            latency_ms=completion.latency_ms,
+            status_code=completion.status_code,
+            usage=completion.usage,
+            request_id=completion.request_id,
+            error=None,
+        )
     else:
-        message = "abandoned: the job was cancelled, expired or re-run while the call ran"
+        call = jobs.Call(
+            stream=bool(claim.request.get("stream")),
+            latency_ms=int(elapsed * 1000),
+            status_code=err.status_code if err else None,
+            usage=None,
+            request_id=err.request_id if err else None,
+            error=err.message
+            if err
+            else "abandoned: the job was cancelled, expired or re-run while the call ran",
+        )
     log.info(
         "upstream call job=%s attempt=%d model=%s status=%s latency_ms=%d tokens=%s error=%s",
         claim.job_id,
         claim.attempt,
         claim.model,
-        status,
-        latency_ms,
-        (usage or {}).get("total_tokens"),
-        message,
+        call.status_code,
+        call.latency_ms,
+        (jobs.clean_usage(call.usage) or {}).get("total_tokens"),
+        call.error,
     )
-
-    publish: list[uuid.UUID] = []
-
-    def write(session: Session) -> str:
-        publish.clear()  # a retried transaction starts over
-        jobs.lock_parent(session=session, claim=claim)
-        jobs.record_call(
+    retry_in = None
+    if err is not None and is_retryable(err) and claim.attempt < claim.max_attempts:
+        retry_in = retry_delay(claim.attempt, err.retry_after)
+    outcome = _with_db_retry(
+        lambda session: jobs.record_outcome(
             session=session,
-            job_id=claim.job_id,
-            attempt=claim.attempt,
-            model=claim.model,
-            stream=stream,
-            latency_ms=latency_ms,
-            status_code=status,
-            usage=usage,
-            request_id=request_id,
-            error=message,
-            # A success adds its usage in the finishing UPDATE: one statement fewer.
-            add_usage=completion is None,
+            claim=claim,
+            call=call,
+            result=completion.body if completion else None,
+            error=err,
+            retry_in=retry_in,
         )
-        if completion is not None:
-            written = jobs.finish_succeeded(
-                session=session,
-                job_id=claim.job_id,
-                attempt=claim.attempt,
-                result=completion.body,
-                usage=completion.usage,
-            )
-            if written is None:
-                jobs.add_job_usage(session=session, job_id=claim.job_id, usage=completion.usage)
-            outcome = "succeeded"
-        elif err is None:
-            return "abandoned"
-        elif is_retryable(err) and claim.attempt < claim.max_attempts:
-            retried = jobs.schedule_retry(
-                session=session,
-                job_id=claim.job_id,
-                attempt=claim.attempt,
-                delay=retry_delay(claim.attempt, err.retry_after),
-                error=err,
-            )
-            return "retrying" if retried else "stale"
-        else:
-            written = jobs.finish_failed(
-                session=session, job_id=claim.job_id, attempt=claim.attempt, error=err
-            )
-            outcome = "failed"
-        if written is None:
-            return "stale"
-        publish.extend(written.publish)
-        return outcome
-
-    outcome = _with_db_retry(write)
-    events.publish(claim.job_id, "status", {"status": outcome})
-    if publish:
-        # The next steps of a chunked job, made runnable by this one: after commit.
-        enqueue_jobs(publish)
-    if outcome == "stale":
+    )
+    _publish_steps(outcome.publish)
+    if outcome.status == "stale":
         log.warning(
             "job %s attempt %d: result refused, the job moved on without it",
             claim.job_id,
             claim.attempt,
         )
-    return outcome
+    return outcome.status
+
+
+def _publish_steps(ids: list[uuid.UUID]) -> None:
+    """The steps of a chunked job made runnable by this one: published after commit."""
+    if ids:
+        jobs.publish_after_commit(ids, "steps")
 
 
 def _with_db_retry(work: Callable[[Session], T]) -> T:
@@ -288,7 +330,7 @@ def dispatch_due() -> int:
         due = jobs.take_due(session=session)
         due_deliveries = deliveries.take_due(session)
     if due:
-        enqueue_jobs(due)
+        jobs.publish(due)
     if due_deliveries:
         enqueue_deliveries(due_deliveries)
     return len(due) + len(due_deliveries)

@@ -1,0 +1,78 @@
+"""The job state machine: the only code that writes or publishes jobs.
+
+- ``submit``: what the API does (create, read, list, cancel; steps are not public);
+- ``attempts``: what workers do (claim, renew, defer, plan, record the outcome of a call);
+- ``steps``: map-reduce steps as child jobs, and how their parent advances;
+- ``sweeps``: the reconciler's repairs and retention;
+- ``dispatch``: publishing to the broker, and finding messages the broker lost.
+
+Every status change goes through ``_state.transition``.
+
+Lock discipline, obeyed by the worker, the API and every sweep:
+
+1. A parent's row before any of its steps' rows.
+2. Several rows of one kind in ascending id order (``ORDER BY id FOR UPDATE``).
+3. Whoever locks several jobs of different families takes them with SKIP LOCKED (the sweeps,
+   the heartbeat), so it never waits while holding a row another family's writer needs.
+   It waits only on steps of parents it already holds.
+
+A single-row UPDATE (a claim, an outcome of a job without a parent) holds nothing else.
+"""
+
+from chatjobs.jobs.attempts import (
+    Call,
+    Claim,
+    Outcome,
+    Planned,
+    apply_plan,
+    claim_job,
+    clean_usage,
+    defer_job,
+    error_record,
+    fail_attempt,
+    load_for_plan,
+    record_outcome,
+    renew_leases,
+)
+from chatjobs.jobs.dispatch import consumed, publish, publish_after_commit, take_due
+from chatjobs.jobs.submit import (
+    Created,
+    cancel_job,
+    create_job,
+    get_job,
+    get_status,
+    list_jobs,
+    list_steps,
+)
+from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune_batch, reconcile
+
+__all__ = [
+    "Call",
+    "Claim",
+    "Created",
+    "Outcome",
+    "Planned",
+    "Reconciled",
+    "apply_plan",
+    "cancel_job",
+    "claim_job",
+    "clean_usage",
+    "consumed",
+    "count_prunable",
+    "create_job",
+    "defer_job",
+    "error_record",
+    "fail_attempt",
+    "get_job",
+    "get_status",
+    "list_jobs",
+    "list_steps",
+    "load_for_plan",
+    "prune_batch",
+    "publish",
+    "publish_after_commit",
+    "reconcile",
+    "record_outcome",
+    "renew_leases",
+    "take_due",
+]

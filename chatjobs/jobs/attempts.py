@@ -1,0 +1,401 @@
+"""What workers do to jobs: claim, renew, defer, plan, and write the outcome of a call.
+
+Every write after the claim is fenced on ``claim_seq``, a number that only grows (each claim
+adds one; a deferral does not give it back), so a stale worker, a redelivered message or a
+retried commit can never write into someone else's attempt. Each claim makes at most one
+upstream call, logged under the key (job, claim_seq): the log insert is ON CONFLICT DO
+NOTHING and adds the call's tokens to the job in the same statement, so a commit retried
+after an ambiguous failure cannot count a call twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import case, cast, func, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session, load_only
+
+from chatjobs.errors import ContextTooLong, UpstreamError
+from chatjobs.jobs import steps
+from chatjobs.jobs._state import PENDING, transition
+from chatjobs.longcontext import Plan
+from chatjobs.models import Job, JobStatus, UpstreamCall
+from chatjobs.settings import get_settings
+from chatjobs.storable import storable
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs to run one attempt of a job."""
+
+    job_id: uuid.UUID
+    claim_seq: int
+    attempt: int
+    model: str
+    request: dict[str, Any]
+    max_attempts: int
+    prompt_tokens: int | None
+    parent_id: uuid.UUID | None = None
+    needs_plan: bool = False
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=get_settings().lease_seconds)
+
+
+def _fence(claim: Claim) -> list[Any]:
+    """The guard on every write a worker makes: still running, and still its claim."""
+    return [
+        Job.id == claim.job_id,
+        Job.status == JobStatus.running,
+        Job.claim_seq == claim.claim_seq,
+    ]
+
+
+def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | None:
+    """Move a due job to running and take its lease; None if someone else has it, it is
+    finished, not yet due, or past its deadline (the reconciler expires it)."""
+    rows = transition(
+        session,
+        [
+            Job.id == job_id,
+            Job.status.in_(PENDING),
+            (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= func.now()),
+            (Job.deadline.is_(None)) | (Job.deadline > func.now()),
+        ],
+        JobStatus.running,
+        lease=_lease(),
+        attempts=Job.attempts + 1,
+        claim_seq=Job.claim_seq + 1,
+        started_at=func.coalesce(Job.started_at, func.now()),
+        claimed_by=worker,
+        returning=(
+            Job.claim_seq,
+            Job.attempts,
+            Job.model,
+            # What is sent: the truncated request or the step's, else the submitted one.
+            func.coalesce(Job.upstream_request, Job.request).label("request"),
+            Job.max_attempts,
+            Job.prompt_token_estimate,
+            Job.needs_plan,
+        ),
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    return Claim(
+        job_id=row.id,
+        claim_seq=row.claim_seq,
+        attempt=row.attempts,
+        model=row.model,
+        request=row.request,
+        max_attempts=row.max_attempts,
+        prompt_tokens=row.prompt_token_estimate,
+        parent_id=row.parent_id,
+        needs_plan=row.needs_plan,
+    )
+
+
+def renew_leases(
+    *, session: Session, held: Collection[tuple[uuid.UUID, int]]
+) -> set[tuple[uuid.UUID, int]]:
+    """Extend the leases a worker still holds (pairs of job and claim_seq); returns those it
+    still holds. A job missing from the answer was cancelled, expired, or claimed again after
+    this worker's lease ran out: its call should be abandoned.
+
+    Never waits on a row lock (SKIP LOCKED), so the heartbeat takes no part in any lock
+    order; a row busy right now is judged by its committed state and renewed next beat.
+    """
+    if not held:
+        return set()
+    mine = [tuple_(Job.id, Job.claim_seq).in_(list(held)), Job.status == JobStatus.running]
+    free = select(Job.id).where(*mine).with_for_update(skip_locked=True).scalar_subquery()
+    renewed = session.execute(
+        update(Job)
+        .where(Job.id.in_(free))
+        .values(lease_expires_at=func.now() + _lease())
+        .returning(Job.id, Job.claim_seq)
+        .execution_options(synchronize_session=False)
+    ).all()
+    kept = {(row.id, row.claim_seq) for row in renewed}
+    busy = set(held) - kept
+    if busy:
+        still = session.execute(select(Job.id, Job.claim_seq).where(*mine)).all()
+        kept |= {(row.id, row.claim_seq) for row in still} & busy
+    return kept
+
+
+def defer_job(*, session: Session, claim: Claim, delay: float) -> bool:
+    """Hand a claimed job back unrun until ``delay`` from now, without using an attempt.
+
+    For a rate limit with no capacity soon: the worker slot is freed instead of sleeping.
+    The claim sequence keeps its step, so this claim's fence never matches again.
+    """
+    first = Job.attempts == 1
+    rows = transition(
+        session,
+        _fence(claim),
+        # psycopg sends the CASE's branches as text; the enum column needs the cast.
+        cast(
+            case((first, JobStatus.queued.value), else_=JobStatus.retrying.value),
+            Job.status.type,
+        ),
+        due_in=delay,
+        attempts=Job.attempts - 1,
+        started_at=case((first, None), else_=Job.started_at),
+    )
+    return bool(rows)
+
+
+# --- planning a long input, for jobs too large to plan in the API -------------------------
+
+
+def load_for_plan(*, session: Session, claim: Claim) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The submitted request and the job's long-context options."""
+    row = session.execute(select(Job.request, Job.long_context).where(Job.id == claim.job_id)).one()
+    return row.request, row.long_context or {}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What planning a claimed job came to: ``claim`` to call now, or steps to publish."""
+
+    claim: Claim | None
+    publish: list[uuid.UUID]
+    outcome: str
+
+
+def apply_plan(
+    *, session: Session, claim: Claim, plan: Plan | ContextTooLong, options: dict[str, Any]
+) -> Planned:
+    """Store what the worker planned: the job fails (``error`` strategy, or nothing fits), runs
+    as it is or truncated in this same claim, or waits, running without a lease, on steps."""
+    if isinstance(plan, ContextTooLong):
+        failed = transition(
+            session,
+            _fence(claim),
+            JobStatus.failed,
+            error={"type": "context_length_exceeded", "message": str(plan)},
+            needs_plan=False,
+        )
+        return Planned(None, [], "failed" if failed else "stale")
+    values: dict[str, Any] = {
+        "needs_plan": False,
+        "prompt_token_estimate": plan.prompt_tokens,
+        "token_count_method": plan.method,
+        "long_context": {**options, **(plan.record or {})} or None,
+        "updated_at": func.now(),
+    }
+    if plan.map_requests:
+        values.update(
+            lease_expires_at=None,
+            claimed_by=None,
+            progress=steps.progress(len(plan.map_requests), 0, None),
+        )
+    else:
+        values["upstream_request"] = plan.upstream_request
+    stored = session.execute(
+        update(Job).where(*_fence(claim)).values(**values).returning(Job.id)
+    ).one_or_none()
+    if stored is None:
+        return Planned(None, [], "stale")
+    if plan.map_requests:
+        parent = session.scalars(
+            select(Job)
+            .where(Job.id == claim.job_id)
+            .options(
+                load_only(
+                    Job.id,
+                    Job.tenant_id,
+                    Job.model,
+                    Job.priority,
+                    Job.queue,
+                    Job.max_attempts,
+                    Job.deadline,
+                )
+            )
+        ).one()
+        publish = steps.insert_steps(session, parent, "map", 0, plan.map_requests, plan.map_tokens)
+        return Planned(None, publish, "planned")
+    request = plan.upstream_request or claim.request
+    return Planned(
+        replace(claim, request=request, prompt_tokens=plan.prompt_tokens, needs_plan=False),
+        [],
+        "ready",
+    )
+
+
+# --- the outcome of a call -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One upstream call as logged: what came back, never the request or any key."""
+
+    stream: bool
+    latency_ms: int
+    status_code: int | None
+    usage: dict[str, int] | None
+    request_id: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What recording an attempt came to, and any steps it made runnable."""
+
+    status: str
+    publish: list[uuid.UUID]
+
+
+def clean_usage(usage: Any) -> dict[str, int] | None:
+    """An upstream's usage as three non-negative integers, whatever shape it came in."""
+    if not isinstance(usage, dict):
+        return None
+    out: dict[str, int] = {}
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(key)
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        out[key] = int(value) if ok and 0 <= value < 2**31 else 0
+    if not out["total_tokens"]:
+        out["total_tokens"] = min(out["prompt_tokens"] + out["completion_tokens"], 2**31 - 1)
+    return out
+
+
+def _log_call(session: Session, claim: Claim, call: Call) -> bool:
+    """Insert the call's row and add its tokens to the job in one statement; False if this
+    claim's call was logged already (this is a retried commit)."""
+    usage = clean_usage(call.usage) or {}
+    logged = (
+        insert(UpstreamCall)
+        .values(
+            job_id=claim.job_id,
+            claim_seq=claim.claim_seq,
+            attempt=claim.attempt,
+            model=claim.model,
+            stream=call.stream,
+            latency_ms=call.latency_ms,
+            status_code=call.status_code,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            request_id=None if call.request_id is None else storable(call.request_id)[:200],
+            error=storable(call.error),
+        )
+        .on_conflict_do_nothing(index_elements=["job_id", "claim_seq"])
+        .returning(
+            UpstreamCall.job_id,
+            UpstreamCall.prompt_tokens,
+            UpstreamCall.completion_tokens,
+            UpstreamCall.total_tokens,
+        )
+        .cte("logged")
+    )
+    # Unfenced: a call that was made was paid for, even when its result is refused.
+    added = session.execute(
+        update(Job)
+        .where(Job.id == logged.c.job_id)
+        .values(
+            prompt_tokens=Job.prompt_tokens + func.coalesce(logged.c.prompt_tokens, 0),
+            completion_tokens=Job.completion_tokens + func.coalesce(logged.c.completion_tokens, 0),
+            total_tokens=Job.total_tokens + func.coalesce(logged.c.total_tokens, 0),
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    return added is not None
+
+
+def error_record(error: UpstreamError) -> dict[str, Any]:
+    """The job's error field: type, message, upstream status; never headers or keys."""
+    return {
+        "type": error.type,
+        "message": storable(error.message),
+        "status_code": error.status_code,
+        "code": None if error.code is None else str(error.code),
+        "request_id": None if error.request_id is None else storable(error.request_id)[:200],
+    }
+
+
+_STEP = (Job.step_kind, Job.step_level, Job.step_index)
+
+
+def _after_end(
+    session: Session, claim: Claim, rows: list[Any], status: JobStatus
+) -> list[uuid.UUID]:
+    """A step's end moves its parent on (the parent's lock is already held)."""
+    if not rows or claim.parent_id is None:
+        return []
+    row = rows[0]
+    end = steps.StepEnd(row.step_kind, row.step_level, row.step_index, status, row.error)
+    return steps.advance(session, claim.parent_id, end)
+
+
+def record_outcome(
+    *,
+    session: Session,
+    claim: Claim,
+    call: Call,
+    result: dict[str, Any] | None = None,
+    error: UpstreamError | None = None,
+    retry_in: float | None = None,
+) -> Outcome:
+    """Log the call and write what came of it, fenced on the claim, in one transaction.
+
+    ``result`` for a success; ``error`` with ``retry_in`` for a retry, without for a final
+    failure; neither for a call abandoned because the job was taken away. Takes the parent's
+    lock first for a step (lock order: parent, then step).
+    """
+    steps.lock_parent(session, claim.parent_id)
+    if not _log_call(session, claim, call):
+        status = session.scalar(select(Job.status).where(Job.id == claim.job_id))
+        return Outcome(f"recorded already ({status})", [])
+    returning = (*_STEP, Job.error)
+    if result is not None:
+        rows = transition(
+            session,
+            _fence(claim),
+            JobStatus.succeeded,
+            result=storable(result),
+            error=None,
+            returning=returning,
+        )
+        status = JobStatus.succeeded
+    elif error is None:
+        return Outcome("abandoned", [])
+    elif retry_in is not None:
+        rows = transition(
+            session, _fence(claim), JobStatus.retrying, due_in=retry_in, error=error_record(error)
+        )
+        return Outcome("retrying" if rows else "stale", [])
+    else:
+        rows = transition(
+            session, _fence(claim), JobStatus.failed, error=error_record(error), returning=returning
+        )
+        status = JobStatus.failed
+    if not rows:
+        return Outcome("stale", [])
+    return Outcome(status.value, _after_end(session, claim, rows, status))
+
+
+def fail_attempt(
+    *, session: Session, claim: Claim, message: str, retry_in: float | None
+) -> Outcome:
+    """Record an attempt that broke inside chatjobs (not at the upstream) as a failure of
+    that attempt: retried after ``retry_in`` while attempts remain, else failed."""
+    steps.lock_parent(session, claim.parent_id)
+    error = {"type": "internal_error", "message": message}
+    if retry_in is not None and claim.attempt < claim.max_attempts:
+        rows = transition(session, _fence(claim), JobStatus.retrying, due_in=retry_in, error=error)
+        return Outcome("retrying" if rows else "stale", [])
+    rows = transition(
+        session, _fence(claim), JobStatus.failed, error=error, returning=(*_STEP, Job.error)
+    )
+    if not rows:
+        return Outcome("stale", [])
+    return Outcome("failed", _after_end(session, claim, rows, JobStatus.failed))

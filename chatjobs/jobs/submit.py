@@ -1,0 +1,190 @@
+"""What the API does to jobs: submit, read, list, cancel. Only top-level jobs are public;
+a map or reduce step is a 404 here (its parent shows it read-only at /steps)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from chatjobs import longcontext
+from chatjobs.errors import IdempotencyConflict, JobNotCancellable, JobNotFound
+from chatjobs.jobs import steps
+from chatjobs.jobs._state import ACTIVE, transition
+from chatjobs.models import Job, JobStatus, uuid7
+from chatjobs.schemas import JobCreate
+from chatjobs.settings import get_settings
+
+
+def _request_hash(body: JobCreate) -> str:
+    payload = body.model_dump(mode="json", exclude={"request"})
+    payload["request"] = body.request.raw
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Created:
+    """What submission produced: the job, whether it is new, and the ids to publish."""
+
+    job: Job
+    created: bool
+    publish: list[uuid.UUID]
+
+
+def _replay(session: Session, tenant_id: uuid.UUID, key: str, request_hash: str) -> Created | None:
+    existing = session.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    ).one_or_none()
+    if existing is None:
+        return None
+    if existing.request_hash != request_hash:
+        raise IdempotencyConflict(
+            "Idempotency-Key was already used with a different body (job "
+            f"{existing.id}); use a new key for a new job"
+        )
+    return Created(existing, False, [])
+
+
+def create_job(
+    *, session: Session, tenant_id: uuid.UUID, body: JobCreate, idempotency_key: str | None = None
+) -> Created:
+    """Insert the job, planned as far as is cheap here.
+
+    With an Idempotency-Key already used for the same body, the earlier job comes back with
+    created False before anything is counted; with a different body, IdempotencyConflict.
+    A body that surely fits its model's window is not tokenised at all; one that may not and
+    is small is planned now (the ``error`` strategy answers 422, ``map_reduce`` inserts the
+    parent running with its map steps); a large one is planned by the worker that claims it.
+    """
+    settings = get_settings()
+    request_hash = _request_hash(body)
+    if idempotency_key is not None:
+        replay = _replay(session, tenant_id, idempotency_key, request_hash)
+        if replay is not None:
+            return replay
+    model = body.request.model or settings.default_model
+    plan = longcontext.plan_at_submit(body.request.raw, model, body.long_context)
+    deadline = body.deadline or (
+        datetime.now().astimezone() + timedelta(seconds=settings.job_deadline_seconds)
+    )
+    options = body.long_context.model_dump(exclude_none=True) if body.long_context else {}
+    chunked = plan is not None and bool(plan.map_requests)
+    values: dict[str, Any] = {
+        "id": uuid7(),
+        "tenant_id": tenant_id,
+        # A chunked parent runs (without a lease) while its steps do.
+        "status": JobStatus.running if chunked else JobStatus.queued,
+        "started_at": func.now() if chunked else None,
+        "model": model,
+        "request": body.request.raw,
+        "upstream_request": plan.upstream_request if plan else None,
+        "metadata_": body.metadata,
+        "webhook_url": body.webhook_url,
+        "long_context": {**options, **((plan.record if plan else None) or {})} or None,
+        "needs_plan": plan is None,
+        "progress": steps.progress(len(plan.map_requests), 0, None) if chunked else None,
+        "prompt_token_estimate": plan.prompt_tokens if plan else None,
+        "token_count_method": plan.method if plan else None,
+        "priority": body.priority,
+        "queue": settings.queue_name,
+        "max_attempts": body.max_attempts or settings.max_attempts,
+        "deadline": deadline,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "total_tokens": 0,
+        "attempts": 0,
+        "claim_seq": 0,
+    }
+    stmt = insert(Job).values(**values)
+    if idempotency_key is not None:
+        stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_tenant_idempotency_key")
+    inserted = session.scalars(stmt.returning(Job)).one_or_none()
+    if inserted is None:  # a concurrent request with the same key won the insert
+        assert idempotency_key is not None
+        replay = _replay(session, tenant_id, idempotency_key, request_hash)
+        assert replay is not None
+        return replay
+    if not chunked:
+        return Created(inserted, True, [inserted.id])
+    assert plan is not None
+    children = steps.insert_steps(session, inserted, "map", 0, plan.map_requests, plan.map_tokens)
+    return Created(inserted, True, children)
+
+
+def _top_level(tenant_id: uuid.UUID) -> list[Any]:
+    return [Job.tenant_id == tenant_id, Job.parent_id.is_(None)]
+
+
+def get_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The tenant's job; JobNotFound for a missing job, a step, and another tenant's alike."""
+    job = session.scalar(select(Job).where(Job.id == job_id, *_top_level(tenant_id)))
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+def get_status(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobStatus:
+    """Only the status of the tenant's job (cheap enough to poll every second)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id, *_top_level(tenant_id)))
+    if status is None:
+        raise JobNotFound(f"no job {job_id}")
+    return status
+
+
+def list_jobs(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    status: JobStatus | None = None,
+    batch_id: str | None = None,
+    schedule_id: str | None = None,
+    after: uuid.UUID | None = None,
+    limit: int = 20,
+) -> tuple[list[Job], bool]:
+    """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
+    stmt = select(Job).where(*_top_level(tenant_id))
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if batch_id is not None:
+        stmt = stmt.where(Job.batch_id == batch_id)
+    if schedule_id is not None:
+        stmt = stmt.where(Job.schedule_id == schedule_id)
+    if after is not None:
+        stmt = stmt.where(Job.id < after)
+    jobs = list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
+    return jobs[:limit], len(jobs) > limit
+
+
+def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """Cancel a job that has not finished, and its unfinished steps.
+
+    A running job's worker finds its write refused, and its heartbeat abandons the call.
+    """
+    ended = transition(
+        session,
+        [Job.id == job_id, *_top_level(tenant_id), Job.status.in_(ACTIVE)],
+        JobStatus.cancelled,
+    )
+    if not ended:
+        current = get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        raise JobNotCancellable(f"job {job_id} is already {current.status.value}")
+    steps.end_steps(session, [job_id], JobStatus.cancelled, "the job was cancelled")
+    steps.roll_up_usage(session, [job_id])
+    session.expire_all()
+    return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+
+
+def list_steps(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[Job]:
+    """A chunked job's map and reduce steps, in order; each keeps its own result."""
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    return steps.list_steps(session, job_id)
