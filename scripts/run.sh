@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: migrate, then start api, worker, beat, flower and (when no upstream is
 # configured) the simulator; print an API key and curl lines. Ctrl-C stops all of it.
+# When the configured Postgres or Redis does not answer, private ones are started
+# (`chatjobs dev-services` in $LOGS/services) and stopped with the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
@@ -15,12 +17,18 @@ LOGS=${LOGS:-.run}
 mkdir -p "$LOGS"
 
 pids=()
+services_pid=
 stop() {
   trap - INT TERM EXIT
   echo
   echo "stopping ${#pids[@]} processes..."
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}" 2>/dev/null || true
+  if [ -n "$services_pid" ]; then  # last, so nothing above loses its database mid-shutdown
+    echo "stopping the private services..."
+    kill -TERM "$services_pid" 2>/dev/null || true
+    wait "$services_pid" 2>/dev/null || true
+  fi
   exit 0
 }
 trap stop INT TERM EXIT
@@ -31,6 +39,32 @@ start() {  # start NAME CMD...: run in the background, log to $LOGS/NAME.log
   pids+=($!)
   echo "started $name (pid $!, log $LOGS/$name.log)"
 }
+
+answers() {  # answers URL: does anything accept a connection where the URL points?
+  python -c 'import sys; from chatjobs.devservices import answers; sys.exit(not answers(sys.argv[1]))' "$1"
+}
+missing=()
+answers "$CHATJOBS_DATABASE_URL" || missing+=(postgres)
+answers "$CHATJOBS_REDIS_URL" || missing+=(redis)
+if [ ${#missing[@]} -gt 0 ]; then
+  only=()
+  [ ${#missing[@]} -eq 1 ] && only=(--only "${missing[0]}")
+  for name in "${missing[@]}"; do
+    if [ "$name" = postgres ]; then url=$CHATJOBS_DATABASE_URL; else url=$CHATJOBS_REDIS_URL; fi
+    echo "$name does not answer at $url: starting a private $name in $LOGS/services"
+  done
+  chatjobs dev-services --dir "$LOGS/services" "${only[@]}" \
+    >"$LOGS/services.env" 2>"$LOGS/dev-services.log" &
+  services_pid=$!
+  # It prints one export line per server once that server answers, or exits.
+  until [ "$(grep -c '^export ' "$LOGS/services.env")" -eq ${#missing[@]} ]; do
+    kill -0 "$services_pid" 2>/dev/null || { cat "$LOGS/dev-services.log"; exit 1; }
+    sleep 0.2
+  done
+  # shellcheck source=/dev/null
+  source "$LOGS/services.env"
+  cat "$LOGS/services.env"
+fi
 
 chatjobs migrate
 
@@ -69,5 +103,11 @@ Poll it (put the id from the answer in JOB):
 
 Ctrl-C stops everything.
 EOT
-wait -n "${pids[@]}" || true
+if [ -n "$services_pid" ]; then
+  cat <<EOT
+Private Postgres/Redis (chatjobs dev-services; data and logs in $LOGS/services): to use the
+chatjobs CLI from another shell, first run  source $LOGS/services.env
+EOT
+fi
+wait -n "${pids[@]}" ${services_pid:+"$services_pid"} || true
 echo "a process exited on its own; see $LOGS/*.log"
