@@ -1,4 +1,9 @@
-"""The real stack for a benchmark: a fresh database, simulator, api, workers and beat."""
+"""The real stack for a benchmark: a fresh database, simulator, api, workers and beat.
+
+Postgres and Redis are private servers of the benchmark's own (chatjobs.devservices, fsync on
+as in production) unless CHATJOBS_BENCH_PG (an admin URL without a database) and
+CHATJOBS_BENCH_REDIS name others; those are never flushed: the stack uses a queue of its own.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +18,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.pool import NullPool
 
+from chatjobs import devservices
 from chatjobs.testing import Proc, free_port, python_cli, wait_http
 
-PG_ADMIN = os.environ.get("CHATJOBS_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
-REDIS = os.environ.get("CHATJOBS_BENCH_REDIS", "redis://127.0.0.1:6379/14")
+PG_ADMIN = os.environ.get("CHATJOBS_BENCH_PG", "")
+REDIS = os.environ.get("CHATJOBS_BENCH_REDIS", "")
 
 
 @dataclass
@@ -32,12 +37,18 @@ class Stack:
     env: dict[str, str]
     logs: Path
     procs: list[Proc]
+    servers: dict[str, devservices.Server]
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU time used so far by each process of the stack, and by Postgres and Redis."""
+        """CPU time used so far by each process of the stack, and by Postgres and Redis (every
+        process of that name when they are not the stack's own)."""
         out = {p.name: _tree_cpu(p.popen.pid) for p in self.procs if p.popen is not None}
-        out["postgres"] = sum(_cpu(pid) for pid in _pids_named("postgres"))
-        out["redis"] = sum(_cpu(pid) for pid in _pids_named("redis-server"))
+        for name, program in (("postgres", "postgres"), ("redis", "redis-server")):
+            server = self.servers.get(name)
+            if server is not None and server.popen is not None:
+                out[name] = _tree_cpu(server.popen.pid)
+            else:
+                out[name] = sum(_cpu(pid) for pid in _pids_named(program))
         return out
 
 
@@ -96,16 +107,24 @@ def running_stack(
     """Start everything, yield it, and tear it all down (the database included)."""
     from chatjobs import migrate
 
-    name = f"chatjobs_bench_{uuid.uuid4().hex[:8]}"
-    database_url = f"{PG_ADMIN}/{name}"
-    migrate.upgrade(database_url)
-    redis.Redis.from_url(REDIS).flushdb()
     logs = Path(tempfile.mkdtemp(prefix="chatjobs-bench-"))
+    servers: dict[str, devservices.Server] = {}
+    pg_admin, redis_url = PG_ADMIN, REDIS
+    if not pg_admin:
+        servers["postgres"] = devservices.start_postgres(logs)
+        pg_admin = servers["postgres"].url.replace("postgresql://", "postgresql+psycopg://")
+    if not redis_url:
+        servers["redis"] = devservices.start_redis(logs)
+        redis_url = servers["redis"].url
+    name = f"chatjobs_bench_{uuid.uuid4().hex[:8]}"
+    database_url = f"{pg_admin}/{name}"
+    migrate.upgrade(database_url)
     sim_port, api_port = free_port(), free_port()
     full_env = {
         **os.environ,
         "CHATJOBS_DATABASE_URL": database_url,
-        "CHATJOBS_REDIS_URL": REDIS,
+        "CHATJOBS_REDIS_URL": redis_url,
+        "CHATJOBS_QUEUE_NAME": f"chatjobs-bench-{uuid.uuid4().hex[:6]}",
         "CHATJOBS_UPSTREAM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
         **(env or {}),
     }
@@ -160,6 +179,7 @@ def running_stack(
             env=full_env,
             logs=logs,
             procs=procs,
+            servers=servers,
         )
     finally:
         for proc in reversed(procs):
@@ -168,11 +188,13 @@ def running_stack(
 
         reset_engine()
         admin = create_engine(
-            f"{PG_ADMIN}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool
+            f"{pg_admin}/postgres", isolation_level="AUTOCOMMIT", poolclass=NullPool
         )
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+        for server in servers.values():
+            server.stop()
         shutil.rmtree(logs, ignore_errors=True)
 
 
