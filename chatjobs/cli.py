@@ -6,6 +6,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
+
+from chatjobs.settings import get_settings
 
 
 def _api(ns: argparse.Namespace) -> None:
@@ -82,6 +85,29 @@ def _dev_services(ns: argparse.Namespace) -> None:
     )
 
 
+def _duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``45s`` (a bare number is days)."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    unit = text[-1] if text[-1:] in units else "d"
+    try:
+        value = float(text[:-1] if text[-1:] in units else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d or 12h") from None
+    if not 0 < value < 100_000:
+        raise argparse.ArgumentTypeError("the duration must be positive")
+    return timedelta(seconds=value * units[unit])
+
+
+def _prune(ns: argparse.Namespace) -> None:
+    from chatjobs.jobs.sweeps import prune
+
+    older_than = ns.older_than or timedelta(days=get_settings().retention_days)
+    deleted = prune(older_than=older_than, dry_run=ns.dry_run)
+    verb = "would delete" if ns.dry_run else "deleted"
+    print(f"{verb} {deleted} finished jobs older than {older_than} (with their steps and calls)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatjobs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dir", default=".run/services", help="where the data and logs live")
     dev.add_argument("--only", choices=["postgres", "redis"], help="start just this one")
     dev.set_defaults(func=_dev_services)
+
+    prune = sub.add_parser(
+        "prune", help="delete finished jobs past retention, with their steps, calls, deliveries"
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration,
+        help="e.g. 30d, 12h (default: CHATJOBS_RETENTION_DAYS days)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    prune.set_defaults(func=_prune)
     return parser
 
 

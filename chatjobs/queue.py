@@ -39,6 +39,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_routes={
             "chatjobs.dispatch_due": {"queue": control_queue(settings)},
             "chatjobs.reconcile": {"queue": control_queue(settings)},
+            "chatjobs.prune": {"queue": control_queue(settings)},
         },
         # Publishing must fail fast when Redis is down: the row is already durable and the
         # reconciler republishes it, so a request should not hang on the broker.

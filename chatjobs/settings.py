@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     dispatch_interval_seconds: float = Field(1.0, gt=0)
     job_deadline_seconds: float = Field(24 * 3600.0, gt=0)
     db_pool_size: int = Field(16, ge=1)
+    # Finished jobs (with their steps, calls and webhook deliveries) are deleted after this.
+    retention_days: float = Field(30.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from celery.schedules import crontab
 from celery.signals import worker_init, worker_process_init
 
 from chatjobs.db import reset_engine
@@ -28,6 +29,12 @@ app.conf.beat_schedule = {
         "task": "chatjobs.reconcile",
         "schedule": _settings.reconcile_interval_seconds,
         "options": {"expires": max(1.0, _settings.reconcile_interval_seconds * 2)},
+    },
+    # Retention, daily at a quiet hour (UTC); `chatjobs prune` does the same by hand.
+    "prune": {
+        "task": "chatjobs.prune",
+        "schedule": crontab(hour=3, minute=17),
+        "options": {"expires": 3600},
     },
 }
 

@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -344,3 +345,11 @@ def reconcile() -> jobs.Reconciled:
     if any(vars(done).values()):
         log.info("reconciled: %s", done)
     return done
+
+
+def prune() -> int:
+    """Retention: finished jobs older than CHATJOBS_RETENTION_DAYS go, with all they own."""
+    deleted = jobs.prune(older_than=timedelta(days=get_settings().retention_days))
+    if deleted:
+        log.info("pruned %d finished jobs", deleted)
+    return deleted

@@ -30,3 +30,9 @@ def dispatch_due() -> int:
 def reconcile() -> None:
     """Expire overdue jobs, recover lost leases, republish lost messages."""
     execute.reconcile()
+
+
+@app.task(name="chatjobs.prune", ignore_result=True)
+def prune() -> int:
+    """Delete finished jobs past CHATJOBS_RETENTION_DAYS (in bounded batches)."""
+    return execute.prune()

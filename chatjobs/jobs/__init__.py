@@ -44,7 +44,7 @@ from chatjobs.jobs.submit import (
     list_jobs,
     list_steps,
 )
-from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune_batch, reconcile
+from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune, prune_batch, reconcile
 
 __all__ = [
     "Call",
@@ -68,6 +68,7 @@ __all__ = [
     "list_jobs",
     "list_steps",
     "load_for_plan",
+    "prune",
     "prune_batch",
     "publish",
     "publish_after_commit",

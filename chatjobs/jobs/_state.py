@@ -60,13 +60,15 @@ def transition(
             claimed_by=None,
             next_attempt_at=None if due_in is None else func.now() + timedelta(seconds=due_in),
         )
-    rows = session.execute(
-        update(Job)
-        .where(*where)
-        .values(status=to, **values)
-        .returning(Job.id, Job.parent_id, *returning)
-        .execution_options(synchronize_session=False)
-    ).all()
+    rows = list(
+        session.execute(
+            update(Job)
+            .where(*where)
+            .values(status=to, **values)
+            .returning(Job.id, Job.parent_id, *returning)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )
     if rows and isinstance(to, JobStatus):
         if to in TERMINAL_STATUSES:
             deliveries.queue_events(session, [row.id for row in rows], f"job.{to.value}")

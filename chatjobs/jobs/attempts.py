@@ -260,8 +260,10 @@ def clean_usage(usage: Any) -> dict[str, int] | None:
     out: dict[str, int] = {}
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
         value = usage.get(key)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        out[key] = int(value) if ok and 0 <= value < 2**31 else 0
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**31:
+            out[key] = int(value)
+        else:  # missing, a string, negative, NaN, absurd: counted as nothing
+            out[key] = 0
     if not out["total_tokens"]:
         out["total_tokens"] = min(out["prompt_tokens"] + out["completion_tokens"], 2**31 - 1)
     return out

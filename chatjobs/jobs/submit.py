@@ -90,7 +90,7 @@ def create_job(
         "webhook_url": body.webhook_url,
         "long_context": {**options, **((plan.record if plan else None) or {})} or None,
         "needs_plan": plan is None,
-        "progress": steps.progress(len(plan.map_requests), 0, None) if chunked else None,
+        "progress": steps.progress(len(plan.map_requests), 0, None) if plan and chunked else None,
         "prompt_token_estimate": plan.prompt_tokens if plan else None,
         "token_count_method": plan.method if plan else None,
         "priority": body.priority,

@@ -15,9 +15,10 @@ from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import delete, exists, func, select
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.orm import Session
 
+from chatjobs.db import session_scope
 from chatjobs.jobs import dispatch, steps
 from chatjobs.jobs._state import ACTIVE, TERMINAL, transition
 from chatjobs.models import DeliveryStatus, Job, JobStatus, WebhookDelivery
@@ -116,6 +117,7 @@ def recover_lost_leases(session: Session) -> tuple[int, int]:
     failed_steps = 0
     publish: list[uuid.UUID] = []
     for step_id, parent_id in dead_steps:
+        assert parent_id is not None
         parent = session.scalar(
             select(Job.id).where(Job.id == parent_id).with_for_update(skip_locked=True)
         )
@@ -137,7 +139,10 @@ def recover_lost_leases(session: Session) -> tuple[int, int]:
             publish += steps.advance(session, parent_id, end)
     if publish:  # nothing new is runnable after a failure today; should it be, make it due
         session.execute(
-            Job.__table__.update().where(Job.id.in_(publish)).values(next_attempt_at=func.now())
+            update(Job)
+            .where(Job.id.in_(publish))
+            .values(next_attempt_at=func.now())
+            .execution_options(synchronize_session=False)
         )
     return len(requeued), len(failed) + failed_steps
 
@@ -152,7 +157,7 @@ def republish_lost(session: Session, limit: int = 2000) -> int:
     client = dispatch._redis()
     try:
         raw = client.get(key)
-        after = uuid.UUID(raw.decode()) if raw else None
+        after = uuid.UUID(raw.decode() if isinstance(raw, bytes) else raw) if raw else None
         lost, resume = dispatch.find_lost(session=session, after=after, limit=limit)
         if resume is None:
             client.delete(key)
@@ -209,3 +214,18 @@ def prune_batch(*, session: Session, older_than: timedelta, limit: int = _BATCH)
         .scalar_subquery()
     )
     return len(session.execute(delete(Job).where(Job.id.in_(batch)).returning(Job.id)).all())
+
+
+def prune(*, older_than: timedelta, dry_run: bool = False) -> int:
+    """Delete finished jobs older than ``older_than`` in bounded batches, a transaction each,
+    so a large backlog of history never holds locks or memory for long. Returns the count."""
+    if dry_run:
+        with session_scope() as session:
+            return count_prunable(session=session, older_than=older_than)
+    total = 0
+    while True:
+        with session_scope() as session:
+            deleted = prune_batch(session=session, older_than=older_than)
+        total += deleted
+        if deleted < _BATCH:
+            return total
