@@ -3,56 +3,103 @@
 A job that ends (succeeded, failed, cancelled, expired) with a webhook_url gets one delivery
 row in the same transaction, so an event is never lost. The dispatcher publishes due
 deliveries; each attempt is fenced like a job claim and logged.
+
+A receiver that answers 410 disables its URL for the tenant (``webhook_disabled_urls``): the
+deliveries waiting for it end ``gone``, later events to it are recorded ``gone`` and never
+sent, until the tenant enables the URL again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Text, cast, func, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Text,
+    and_,
+    case,
+    cast,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from chatjobs.errors import NotFound
+from chatjobs.errors import (
+    DeliveryInProgress,
+    DeliveryNotFound,
+    DisabledUrlNotFound,
+    WebhookUrlDisabled,
+)
 from chatjobs.models import (
     DeliveryStatus,
     Job,
     WebhookAttempt,
     WebhookDelivery,
+    WebhookDisabledUrl,
     WebhookSecret,
 )
 from chatjobs.settings import get_settings
 from chatjobs.webhooks import DeliveryResult, new_secret
 
-
-class DeliveryNotFound(NotFound):
-    """No delivery with that id for that job is visible to this tenant."""
+_DISABLED = "not sent: this URL answered 410 and is disabled (POST /v1/webhooks/enable)"
+_STATUS_TYPE = WebhookDelivery.__table__.c.status.type
 
 
 def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str) -> None:
-    """Record one delivery per job that asked for a webhook; the same event only once."""
+    """Record one delivery per job that asked for a webhook; the same event only once.
+
+    An event for a URL the tenant has disabled is recorded ``gone`` and never published.
+    """
     ids = list(job_ids)
     if not ids:
         return
-    rows = select(
-        Job.tenant_id,
-        Job.id,
-        Job.queue,
-        literal(event_type),
-        func.concat("msg_", func.replace(cast(func.gen_random_uuid(), Text), "-", "")),
-        Job.webhook_url,
-        func.now(),
-    ).where(Job.id.in_(ids), Job.webhook_url.is_not(None))
+    disabled = WebhookDisabledUrl.url.is_not(None)
+    rows = (
+        select(
+            Job.tenant_id,
+            Job.id,
+            Job.queue,
+            literal(event_type),
+            func.concat("msg_", func.replace(cast(func.gen_random_uuid(), Text), "-", "")),
+            Job.webhook_url,
+            case((disabled, None), else_=func.now()),
+            cast(
+                case((disabled, DeliveryStatus.gone.value), else_=DeliveryStatus.pending.value),
+                _STATUS_TYPE,
+            ),
+            case((disabled, _DISABLED), else_=None),
+        )
+        .outerjoin(
+            WebhookDisabledUrl,
+            and_(
+                WebhookDisabledUrl.tenant_id == Job.tenant_id,
+                WebhookDisabledUrl.url == Job.webhook_url,
+            ),
+        )
+        .where(Job.id.in_(ids), Job.webhook_url.is_not(None))
+    )
+    columns = ["tenant_id", "job_id", "queue", "event_type", "msg_id", "url"]
     session.execute(
         insert(WebhookDelivery)
-        .from_select(
-            ["tenant_id", "job_id", "queue", "event_type", "msg_id", "url", "next_attempt_at"],
-            rows,
-        )
+        .from_select([*columns, "next_attempt_at", "status", "last_error"], rows)
         .on_conflict_do_nothing(constraint="uq_webhook_deliveries_job_event")
+    )
+
+
+def _url_disabled() -> ColumnElement[bool]:
+    """True for a delivery whose URL its tenant has disabled (correlated to the row)."""
+    return exists().where(
+        WebhookDisabledUrl.tenant_id == WebhookDelivery.tenant_id,
+        WebhookDisabledUrl.url == WebhookDelivery.url,
     )
 
 
@@ -92,14 +139,37 @@ class Claimed:
     attempts: int
 
 
+def skip_if_disabled(session: Session, delivery_id: uuid.UUID) -> bool:
+    """Mark a pending delivery ``gone`` without sending it if its URL was disabled since it
+    was recorded; True if it was."""
+    skipped = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == DeliveryStatus.pending,
+            _url_disabled(),
+        )
+        .values(
+            status=DeliveryStatus.gone,
+            next_attempt_at=None,
+            last_error=_DISABLED,
+            updated_at=func.now(),
+        )
+        .returning(WebhookDelivery.id)
+    ).one_or_none()
+    return skipped is not None
+
+
 def claim(session: Session, delivery_id: uuid.UUID) -> Claimed | None:
-    """Take one pending delivery for an attempt; None if another worker has it or it is done."""
+    """Take one pending delivery for an attempt; None if another worker has it, it is done,
+    or its URL is disabled (``skip_if_disabled`` then records it)."""
     lease = timedelta(seconds=get_settings().webhook_timeout_seconds * 4)
     row = session.execute(
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id == delivery_id,
             WebhookDelivery.status == DeliveryStatus.pending,
+            ~_url_disabled(),
         )
         .values(
             status=DeliveryStatus.delivering,
@@ -180,22 +250,71 @@ def record_attempt(session: Session, claimed: Claimed, result: DeliveryResult) -
         .values(**values)
     )
     if status == DeliveryStatus.gone:
-        # 410 means the receiver is gone: stop everything else queued for that URL too.
-        session.execute(
-            update(WebhookDelivery)
-            .where(
-                WebhookDelivery.tenant_id == claimed.tenant_id,
-                WebhookDelivery.url == claimed.url,
-                WebhookDelivery.status == DeliveryStatus.pending,
-            )
-            .values(
-                status=DeliveryStatus.gone,
-                updated_at=func.now(),
-                last_error="an earlier delivery to this URL answered 410",
-            )
-        )
+        _disable_url(session, claimed, result)
     session.flush()
     return status
+
+
+def _disable_url(session: Session, claimed: Claimed, result: DeliveryResult) -> None:
+    # 410 means the receiver is gone: nothing more goes to that URL, queued or future.
+    session.execute(
+        insert(WebhookDisabledUrl)
+        .values(
+            tenant_id=claimed.tenant_id,
+            url_sha256=_url_key(claimed.url),
+            url=claimed.url,
+            status_code=result.status_code,
+            reason=result.error or f"receiver answered {result.status_code}",
+            webhook_id=claimed.msg_id,
+        )
+        .on_conflict_do_nothing()
+    )
+    session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.tenant_id == claimed.tenant_id,
+            WebhookDelivery.url == claimed.url,
+            WebhookDelivery.status == DeliveryStatus.pending,
+        )
+        .values(
+            status=DeliveryStatus.gone,
+            next_attempt_at=None,
+            updated_at=func.now(),
+            last_error=_DISABLED,
+        )
+    )
+
+
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def disabled_urls(session: Session, tenant_id: uuid.UUID) -> list[WebhookDisabledUrl]:
+    """The tenant's disabled webhook URLs, most recently disabled first."""
+    return list(
+        session.scalars(
+            select(WebhookDisabledUrl)
+            .where(WebhookDisabledUrl.tenant_id == tenant_id)
+            .order_by(WebhookDisabledUrl.disabled_at.desc())
+        )
+    )
+
+
+def enable_url(session: Session, tenant_id: uuid.UUID, url: str) -> WebhookDisabledUrl:
+    """Deliver to a disabled URL again (later events; earlier ones only if redelivered)."""
+    row = session.scalars(
+        delete(WebhookDisabledUrl)
+        .where(
+            WebhookDisabledUrl.tenant_id == tenant_id,
+            WebhookDisabledUrl.url_sha256 == _url_key(url),
+            WebhookDisabledUrl.url == url,
+        )
+        .returning(WebhookDisabledUrl)
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        raise DisabledUrlNotFound(f"webhook URL {url!r} is not disabled")
+    return row
 
 
 def reconcile(session: Session) -> int:
@@ -251,22 +370,39 @@ def attempts_for(session: Session, delivery_ids: list[uuid.UUID]) -> list[Webhoo
 def redeliver(
     session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, delivery_id: uuid.UUID
 ) -> WebhookDelivery:
-    """Send a delivery again, under the same webhook-id, whatever its state."""
+    """Send a delivery again, under the same webhook-id, whatever became of it.
+
+    DeliveryInProgress while an attempt runs; WebhookUrlDisabled while its URL is disabled.
+    """
+    mine = (
+        WebhookDelivery.id == delivery_id,
+        WebhookDelivery.tenant_id == tenant_id,
+        WebhookDelivery.job_id == job_id,
+    )
     row = session.scalars(
         update(WebhookDelivery)
-        .where(
-            WebhookDelivery.id == delivery_id,
-            WebhookDelivery.tenant_id == tenant_id,
-            WebhookDelivery.job_id == job_id,
-            WebhookDelivery.status != DeliveryStatus.delivering,
-        )
+        .where(*mine, WebhookDelivery.status != DeliveryStatus.delivering, ~_url_disabled())
         .values(status=DeliveryStatus.pending, next_attempt_at=func.now(), updated_at=func.now())
         .returning(WebhookDelivery)
         .execution_options(synchronize_session=False)
     ).one_or_none()
-    if row is None:
-        raise DeliveryNotFound(f"no delivery {delivery_id} for job {job_id} that can be resent")
-    return row
+    if row is not None:
+        return row
+    # Why not: one more read, on this rare path only.
+    found = session.execute(
+        select(WebhookDelivery.status, WebhookDelivery.url).where(*mine)
+    ).one_or_none()
+    if found is None:
+        raise DeliveryNotFound(f"no delivery {delivery_id} for job {job_id}")
+    if found.status == DeliveryStatus.delivering:
+        raise DeliveryInProgress(
+            f"delivery {delivery_id} is delivering (an attempt is in flight); "
+            "redeliver it once that attempt ends"
+        )
+    raise WebhookUrlDisabled(
+        f"delivery {delivery_id} goes to a disabled URL (it answered 410); "
+        "POST /v1/webhooks/enable first"
+    )
 
 
 # --- signing secrets -------------------------------------------------------------------

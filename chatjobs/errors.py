@@ -20,6 +20,14 @@ class JobNotFound(NotFound):
     """No job with that id is visible to this tenant."""
 
 
+class DeliveryNotFound(NotFound):
+    """No delivery with that id for that job is visible to this tenant."""
+
+
+class DisabledUrlNotFound(NotFound):
+    """The tenant has not got that webhook URL disabled."""
+
+
 class Conflict(ChatJobsError):
     """The request clashes with the object's current state."""
 
@@ -30,6 +38,14 @@ class IdempotencyConflict(Conflict):
 
 class JobNotCancellable(Conflict):
     """The job has already finished."""
+
+
+class DeliveryInProgress(Conflict):
+    """The delivery is being attempted right now; it can be resent once the attempt ends."""
+
+
+class WebhookUrlDisabled(Conflict):
+    """The receiver answered 410 and its URL is disabled until the tenant enables it again."""
 
 
 class ContextTooLong(ChatJobsError):

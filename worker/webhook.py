@@ -39,6 +39,9 @@ def _client() -> httpx.Client:
 def deliver(delivery_id: uuid.UUID) -> str:
     """Make one attempt at a delivery; returns its new status (or "skipped")."""
     with session_scope() as session:
+        if deliveries.skip_if_disabled(session, delivery_id):
+            log.info("webhook delivery=%s status=gone: its URL is disabled, not sent", delivery_id)
+            return DeliveryStatus.gone.value
         claimed = deliveries.claim(session, delivery_id)
         if claimed is None:
             return "skipped"

@@ -1,4 +1,4 @@
-"""Webhook signing secrets, and a job's deliveries."""
+"""Webhook signing secrets, disabled receiver URLs, and a job's deliveries."""
 
 from __future__ import annotations
 
@@ -78,6 +78,55 @@ def rotate_secret(
         return _secrets(deliveries.rotate_secret(session, tenant_id, overlap_seconds))
 
 
+class DisabledUrlRead(BaseModel):
+    url: str
+    disabled_at: datetime
+    status_code: int | None = Field(description="what the receiver answered (410)")
+    reason: str
+    webhook_id: str | None = Field(description="the webhook-id of the delivery it refused")
+
+
+class DisabledUrlList(BaseModel):
+    """URLs nothing is sent to: each answered 410. Events for them are recorded as gone."""
+
+    data: list[DisabledUrlRead]
+
+
+class EnabledUrl(BaseModel):
+    url: str
+    enabled: bool = True
+
+
+@router.get("/v1/webhooks/disabled", response_model=DisabledUrlList)
+def list_disabled(tenant_id: TenantDep) -> DisabledUrlList:
+    """The tenant's webhook URLs disabled by a 410, most recent first."""
+    with session_scope() as session:
+        rows = deliveries.disabled_urls(session, tenant_id)
+        return DisabledUrlList(
+            data=[
+                DisabledUrlRead(
+                    url=r.url,
+                    disabled_at=r.disabled_at,
+                    status_code=r.status_code,
+                    reason=r.reason,
+                    webhook_id=r.webhook_id,
+                )
+                for r in rows
+            ]
+        )
+
+
+@router.post("/v1/webhooks/enable", response_model=EnabledUrl)
+def enable_url(
+    tenant_id: TenantDep, url: Annotated[str, Body(embed=True, max_length=2048)]
+) -> EnabledUrl:
+    """Deliver to a disabled URL again (later events; earlier ones by redelivery); 404 if
+    it is not disabled."""
+    with session_scope() as session:
+        deliveries.enable_url(session, tenant_id, url)
+    return EnabledUrl(url=url)
+
+
 @router.get("/v1/jobs/{job_id}/deliveries", response_model=list[DeliveryRead])
 def list_deliveries(job_id: uuid.UUID, tenant_id: TenantDep) -> list[DeliveryRead]:
     """The job's webhook deliveries, each with every attempt made."""
@@ -122,7 +171,8 @@ class Redelivered(BaseModel):
 
 @router.post("/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", response_model=Redelivered)
 def redeliver(job_id: uuid.UUID, delivery_id: uuid.UUID, tenant_id: TenantDep) -> Redelivered:
-    """Send a delivery again (same webhook-id), whatever became of it."""
+    """Send a delivery again (same webhook-id), whatever became of it; 409 while an attempt
+    is in flight or while its URL is disabled."""
     with session_scope() as session:
         row = deliveries.redeliver(session, tenant_id, job_id, delivery_id)
         return Redelivered(id=row.id, status=row.status, webhook_id=row.msg_id)

@@ -90,6 +90,9 @@ def receiver() -> Iterator[Receiver]:
                 self.send_header("location", f"http://127.0.0.1:{rec.canary_port}/internal")
             elif self.path == "/gone":
                 self.send_response(410)
+            elif self.path == "/slow":
+                time.sleep(3)
+                self.send_response(200)
             else:
                 self.send_response(200)
             self.send_header("content-length", "0")
@@ -198,6 +201,77 @@ def test_a_410_stops_deliveries(make_stack: Make, api_key: str, receiver: Receiv
         (delivery,) = deliveries(client, job["id"])
     assert len(receiver.on("/gone")) == 1
     assert [a["status_code"] for a in delivery["attempts"]] == [410]
+
+
+def _status_of_only_delivery(client: httpx.Client, job_id: str) -> str | None:
+    found = deliveries(client, job_id)
+    return str(found[0]["status"]) if found else None
+
+
+def test_a_410_disables_the_url_for_that_tenant_until_it_is_enabled(
+    make_stack: Make, api_key: str, receiver: Receiver
+) -> None:
+    from tests.conftest import new_key
+
+    url = f"{receiver.base}/gone"
+    stack = make_stack(env=WEBHOOK_ENV)
+    with stack.client(api_key) as client, stack.client(new_key()) as other:
+        first = submit(client, url)
+        wait_until(lambda: _status_of_only_delivery(client, first["id"]) == "gone", 15, "gone")
+        (disabled,) = client.get("/v1/webhooks/disabled").json()["data"]
+        (refused,) = deliveries(client, first["id"])
+
+        later = submit(client, url)
+        wait_job(client, later["id"])
+        wait_until(lambda: _status_of_only_delivery(client, later["id"]) == "gone", 15, "gone")
+        time.sleep(1.5)  # time enough to have sent it, were it sent
+        (skipped,) = deliveries(client, later["id"])
+        assert len(receiver.on("/gone")) == 1
+
+        # Per tenant: another tenant's events to the same URL are still sent.
+        assert other.get("/v1/webhooks/disabled").json()["data"] == []
+        submit(other, url)
+        wait_until(lambda: len(receiver.on("/gone")) == 2, 15, "the other tenant's delivery")
+
+        resend = client.post(f"/v1/jobs/{later['id']}/deliveries/{skipped['id']}/redeliver")
+        enabled = client.post("/v1/webhooks/enable", json={"url": url})
+        again = client.post("/v1/webhooks/enable", json={"url": url})
+        after = client.get("/v1/webhooks/disabled").json()["data"]
+        third = submit(client, url)
+        wait_until(lambda: len(receiver.on("/gone")) == 3, 15, "delivered after enabling")
+        wait_until(lambda: _status_of_only_delivery(client, third["id"]) == "gone", 15, "gone")
+
+    assert disabled["url"] == url and disabled["status_code"] == 410
+    assert disabled["webhook_id"] == refused["webhook_id"]
+    assert [a["status_code"] for a in refused["attempts"]] == [410]
+    assert skipped["attempts"] == [] and "disabled" in skipped["last_error"]
+    assert resend.status_code == 409
+    assert resend.json()["error"]["type"] == "conflict"
+    assert "disabled" in resend.json()["error"]["message"]
+    assert enabled.status_code == 200 and enabled.json() == {"url": url, "enabled": True}
+    assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
+    assert after == []
+
+
+def test_redeliver_while_an_attempt_is_in_flight_is_a_409_naming_the_state(
+    make_stack: Make, api_key: str, receiver: Receiver
+) -> None:
+    stack = make_stack(env=WEBHOOK_ENV)
+    with stack.client(api_key) as client:
+        job = submit(client, f"{receiver.base}/slow")
+        wait_until(
+            lambda: _status_of_only_delivery(client, job["id"]) == "delivering", 15, "in flight"
+        )
+        (delivery,) = deliveries(client, job["id"])
+        busy = client.post(f"/v1/jobs/{job['id']}/deliveries/{delivery['id']}/redeliver")
+        wait_until(lambda: _status_of_only_delivery(client, job["id"]) == "succeeded", 15, "sent")
+        later = client.post(f"/v1/jobs/{job['id']}/deliveries/{delivery['id']}/redeliver")
+        unknown = client.post(f"/v1/jobs/{job['id']}/deliveries/{uuid.uuid4()}/redeliver")
+    assert busy.status_code == 409, busy.text
+    assert busy.json()["error"]["type"] == "conflict"
+    assert "delivering" in busy.json()["error"]["message"]
+    assert later.status_code == 200 and later.json()["status"] == "pending"
+    assert unknown.status_code == 404
 
 
 def test_cancel_emits_job_cancelled_and_redelivery_reuses_the_webhook_id(
