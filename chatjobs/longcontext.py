@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
     def upper_bound_tokens(messages: Any, tools: Any = None) -> int:  # type: ignore[misc]
         return len(_json.dumps([messages, tools]).encode()) + 4 * len(messages) + 3
 
+
 DEFAULT_MAP_PROMPT = (
     "You are reading part {index} of {total} of a longer document; only this part is shown. "
     "Apply the request below to this part alone, keeping every detail a later summary of the "
@@ -65,6 +66,13 @@ class Plan:
 # the job unplanned and the worker that claims it plans it.
 COUNT_AT_SUBMIT = 64 * 1024
 PLAN_AT_SUBMIT = 512 * 1024
+
+
+def warm() -> None:
+    """Load the default model's encoding now (about 1.5 s), so no request pays for it."""
+    spec = model_spec(get_settings().default_model)
+    if spec.encoding is not None:
+        get_encoding(spec.encoding)
 
 
 def plan_at_submit(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery.schedules import crontab
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
+from chatjobs import longcontext
 from chatjobs.db import reset_engine
 from chatjobs.queue import make_celery
 from chatjobs.settings import get_settings
@@ -52,3 +54,9 @@ def _size_for_pool(sender: Any = None, **_: Any) -> None:
 def _fresh_connections(**_: Any) -> None:
     # A forked pool process must not share the parent's database sockets.
     reset_engine(after_fork=True)
+
+
+@worker_ready.connect
+def _warm(**_: Any) -> None:
+    # Planning and limiter reservations count tokens: load the encoding before the first job.
+    threading.Thread(target=longcontext.warm, name="warm-encodings", daemon=True).start()
