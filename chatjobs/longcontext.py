@@ -21,16 +21,8 @@ from chatjobs.tokens import (
     count_messages,
     count_text,
     get_encoding,
+    upper_bound_tokens,
 )
-
-try:  # TEMPORARY until tokens.upper_bound_tokens lands
-    from chatjobs.tokens import upper_bound_tokens
-except ImportError:  # pragma: no cover
-    import json as _json
-
-    def upper_bound_tokens(messages: Any, tools: Any = None) -> int:  # type: ignore[misc]
-        return len(_json.dumps([messages, tools]).encode()) + 4 * len(messages) + 3
-
 
 DEFAULT_MAP_PROMPT = (
     "You are reading part {index} of {total} of a longer document; only this part is shown. "

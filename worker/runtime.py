@@ -41,7 +41,8 @@ class Runtime:
     def __init__(self) -> None:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self.loop = asyncio.new_event_loop()
-        self._held: dict[Held, concurrent.futures.Future[Any]] = {}
+        # (job, claim_seq) -> (the call's future, the attempt number, for logs)
+        self._held: dict[Held, tuple[concurrent.futures.Future[Any], int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         ready = threading.Event()
@@ -95,7 +96,7 @@ class Runtime:
             )
         )
         with self._lock:
-            self._held[key] = future
+            self._held[key] = (future, claim.attempt)
         try:
             return future.result()
         except concurrent.futures.CancelledError as exc:
@@ -116,14 +117,14 @@ class Runtime:
                     kept = jobs.renew_leases(session=session, held=held)
             except Exception:
                 # Postgres unreachable: keep calling. If the lease runs out meanwhile the job
-                # is re-run and this attempt's write is refused by the attempt fence.
+                # is re-run and this attempt's write is refused by the claim fence.
                 log.warning("could not renew %d leases", len(held), exc_info=True)
                 continue
             for key in held - kept:
                 with self._lock:
-                    future = self._held.get(key)
-                if future is not None and future.cancel():
-                    log.info("job %s claim %d: lease lost, abandoning its call", *key)
+                    entry = self._held.get(key)
+                if entry is not None and entry[0].cancel():
+                    log.info("job %s attempt %d: lease lost, abandoning its call", key[0], entry[1])
 
     def close(self) -> None:
         self._stop.set()
