@@ -65,6 +65,10 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
     disabled = WebhookDisabledUrl.url.is_not(None)
     rows = (
         select(
+            # Ids from SQL: Python-side defaults would be computed once for every row of the
+            # INSERT ... SELECT. Deliveries are ordered by created_at, never paged by id.
+            func.gen_random_uuid(),
+            literal(0),
             Job.tenant_id,
             Job.id,
             Job.queue,
@@ -87,10 +91,12 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
         )
         .where(Job.id.in_(ids), Job.webhook_url.is_not(None))
     )
-    columns = ["tenant_id", "job_id", "queue", "event_type", "msg_id", "url"]
+    columns = ["id", "attempts", "tenant_id", "job_id", "queue", "event_type", "msg_id", "url"]
     session.execute(
         insert(WebhookDelivery)
-        .from_select([*columns, "next_attempt_at", "status", "last_error"], rows)
+        .from_select(
+            [*columns, "next_attempt_at", "status", "last_error"], rows, include_defaults=False
+        )
         .on_conflict_do_nothing(constraint="uq_webhook_deliveries_job_event")
     )
 

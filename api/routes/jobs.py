@@ -11,13 +11,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import TenantDep
 from chatjobs import events, jobs
 from chatjobs.db import session_scope
-from chatjobs.models import Job, JobStatus
+from chatjobs.errors import JobNotFound
+from chatjobs.models import JobStatus
 from chatjobs.schemas import JobCreate, JobList, JobRead, StepRead
 
 log = logging.getLogger("chatjobs.api")
@@ -108,11 +108,11 @@ def _read(tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
 
 def _status(tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobStatus | None:
     # One column, not the job with its result: a stream asks this every second it is idle.
-    # TODO: belongs in the jobs package, with get_job's scoping.
-    with session_scope() as session:
-        return session.scalar(
-            select(Job.status).where(Job.id == job_id, Job.tenant_id == tenant_id)
-        )
+    try:
+        with session_scope() as session:
+            return jobs.get_status(session=session, tenant_id=tenant_id, job_id=job_id)
+    except JobNotFound:
+        return None  # deleted (retention) while a stream watched it
 
 
 def _sse(event: str, data: str) -> bytes:
@@ -146,7 +146,7 @@ async def job_events(job_id: uuid.UUID, tenant_id: TenantDep, request: Request) 
                     continue
                 status = await run_in_threadpool(_status, tenant_id, job_id)
                 if status is None:
-                    return  # deleted while we watched
+                    return
                 if status != last:
                     job = await run_in_threadpool(_read, tenant_id, job_id)
                     yield _sse("status", job.model_dump_json())

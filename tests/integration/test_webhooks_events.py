@@ -14,10 +14,19 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
+from sqlalchemy import select, update
 
+from chatjobs import deliveries as delivery_state
+from chatjobs import jobs
+from chatjobs.db import session_scope
+from chatjobs.models import WebhookDelivery
+from chatjobs.schemas import JobCreate
+from chatjobs.settings import get_settings
 from chatjobs.testing import wait_job
+from chatjobs.webhooks import DeliveryResult
 from tests.conftest import MiniStack
 from tests.integration.test_reliability import wait_until
+from worker import webhook
 
 pytestmark = pytest.mark.integration
 
@@ -251,6 +260,46 @@ def test_a_410_disables_the_url_for_that_tenant_until_it_is_enabled(
     assert enabled.status_code == 200 and enabled.json() == {"url": url, "enabled": True}
     assert again.status_code == 404 and again.json()["error"]["type"] == "not_found"
     assert after == []
+
+
+def test_a_delivery_queued_before_its_url_was_disabled_is_recorded_gone_and_never_sent(
+    tenant: uuid.UUID, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process, on a queue of its own: the race where an event was queued (pending) just
+    # before another delivery's 410 disabled the URL, and the dispatcher publishes it anyway.
+    monkeypatch.setenv("CHATJOBS_WEBHOOK_ALLOW_PRIVATE", "127.0.0.0/8")
+    get_settings.cache_clear()
+    webhook.allowlist.cache_clear()
+    url = f"{receiver.base}/ok"
+    body = JobCreate.model_validate(
+        {"request": {"messages": [{"role": "user", "content": "x"}]}, "webhook_url": url}
+    )
+    with session_scope() as session:
+        ids = [jobs.create_job(session=session, tenant_id=tenant, body=body).job.id for _ in "ab"]
+        delivery_state.queue_events(session, ids, "job.succeeded")
+        first, second = (
+            session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.job_id == i)).one()
+            for i in ids
+        )
+        claimed = delivery_state.claim(session, first)
+        assert claimed is not None
+    with session_scope() as session:
+        gone = DeliveryResult(410, 5, error="receiver answered 410")
+        assert delivery_state.record_attempt(session, claimed, gone) == "gone"
+        # As if the second was queued by a transaction that had not seen the 410 yet.
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == second)
+            .values(status="pending", last_error=None)
+        )
+    outcome = webhook.deliver(second)
+    webhook.allowlist.cache_clear()
+    with session_scope() as session:
+        row = session.get_one(WebhookDelivery, second)
+        status, error, attempts = row.status, row.last_error, row.attempts
+    assert outcome == "gone" and status == "gone" and attempts == 0
+    assert error is not None and "disabled" in error
+    assert receiver.hits == []
 
 
 def test_redeliver_while_an_attempt_is_in_flight_is_a_409_naming_the_state(
