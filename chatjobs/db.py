@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, make_url, text
+from sqlalchemy import Engine, MetaData, create_engine, func, make_url, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -89,3 +91,25 @@ def ensure_database(url: str) -> bool:
             return True
     finally:
         admin.dispose()
+
+
+def take_due(session: Session, model: Any, *where: Any, limit: int) -> list[uuid.UUID]:
+    """Claim the right to publish rows of ``model`` whose ``next_attempt_at`` has passed,
+    clearing it: the earliest first, SKIP LOCKED so two dispatchers never take one row."""
+    due = (
+        select(model.id)
+        .where(*where, model.next_attempt_at <= func.now())
+        .order_by(model.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return list(
+        session.scalars(
+            update(model)
+            .where(model.id.in_(due))
+            .values(next_attempt_at=None, updated_at=func.now())
+            .returning(model.id)
+            .execution_options(synchronize_session=False)
+        )
+    )

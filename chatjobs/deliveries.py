@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from chatjobs import db
 from chatjobs.errors import (
     DeliveryInProgress,
     DeliveryNotFound,
@@ -111,25 +112,12 @@ def _url_disabled() -> ColumnElement[bool]:
 
 def take_due(session: Session, limit: int = 1000) -> list[uuid.UUID]:
     """Claim the right to publish due deliveries (SKIP LOCKED, like jobs)."""
-    due = (
-        select(WebhookDelivery.id)
-        .where(
-            WebhookDelivery.queue == get_settings().queue_name,
-            WebhookDelivery.status == DeliveryStatus.pending,
-            WebhookDelivery.next_attempt_at <= func.now(),
-        )
-        .order_by(WebhookDelivery.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    return list(
-        session.scalars(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id.in_(due))
-            .values(next_attempt_at=None, updated_at=func.now())
-            .returning(WebhookDelivery.id)
-        )
+    return db.take_due(
+        session,
+        WebhookDelivery,
+        WebhookDelivery.queue == get_settings().queue_name,
+        WebhookDelivery.status == DeliveryStatus.pending,
+        limit=limit,
     )
 
 

@@ -21,6 +21,7 @@ import redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from chatjobs import db
 from chatjobs.jobs._state import PENDING
 from chatjobs.models import Job
 from chatjobs.queue import enqueue_jobs
@@ -77,30 +78,13 @@ def in_broker(job_ids: Sequence[uuid.UUID]) -> list[bool]:
 
 
 def take_due(*, session: Session, limit: int = 1000) -> list[uuid.UUID]:
-    """Claim the right to publish jobs whose delay is over, clearing next_attempt_at.
-
-    SKIP LOCKED lets two dispatchers run at once without publishing a job twice.
-    """
-    due = (
-        select(Job.id)
-        .where(
-            Job.queue == get_settings().queue_name,
-            Job.status.in_(PENDING),
-            Job.next_attempt_at <= func.now(),
-        )
-        .order_by(Job.next_attempt_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    return list(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(due))
-            .values(next_attempt_at=None, updated_at=func.now())
-            .returning(Job.id)
-            .execution_options(synchronize_session=False)
-        )
+    """Claim the right to publish jobs whose delay is over, clearing next_attempt_at."""
+    return db.take_due(
+        session,
+        Job,
+        Job.queue == get_settings().queue_name,
+        Job.status.in_(PENDING),
+        limit=limit,
     )
 
 

@@ -25,14 +25,18 @@ WINDOW = 2000
 SMALL = "small-model"
 
 
-@pytest.fixture
-def models_file(tmp_path: Path) -> Path:
-    path = tmp_path / "models.toml"
+def write_models_file(path: Path, model: str, window: int) -> Path:
+    """A models file giving ``model`` a window of its own (o200k, 256 output tokens)."""
     path.write_text(
-        f'[models."{SMALL}"]\ncontext_window = {WINDOW}\nmax_output_tokens = 256\n'
+        f'[models."{model}"]\ncontext_window = {window}\nmax_output_tokens = 256\n'
         'encoding = "o200k_base"\n'
     )
     return path
+
+
+@pytest.fixture
+def models_file(tmp_path: Path) -> Path:
+    return write_models_file(tmp_path / "models.toml", SMALL, WINDOW)
 
 
 @pytest.fixture

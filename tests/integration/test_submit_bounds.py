@@ -18,7 +18,7 @@ import pytest
 
 from chatjobs.testing import Proc, wait_job
 from tests.conftest import MiniStack
-from tests.integration.test_long_context import document
+from tests.integration.test_long_context import document, write_models_file
 from tests.integration.test_reliability import sql
 
 pytestmark = pytest.mark.integration
@@ -95,12 +95,7 @@ WINDOW = 60_000
 
 @pytest.fixture
 def models_file(tmp_path: Path) -> Path:
-    path = tmp_path / "models.toml"
-    path.write_text(
-        f'[models."mid-model"]\ncontext_window = {WINDOW}\nmax_output_tokens = 256\n'
-        'encoding = "o200k_base"\n'
-    )
-    return path
+    return write_models_file(tmp_path / "models.toml", "mid-model", WINDOW)
 
 
 def test_a_large_input_is_planned_by_the_worker_and_runs_as_map_reduce(
