@@ -8,9 +8,7 @@ import math
 import re
 from typing import Protocol
 
-import tiktoken
-
-from chatjobs.tokens import count_text, get_encoding
+from chatjobs.tokens import count_text, encode_text, get_encoding
 
 __all__ = ["split_text"]
 
@@ -26,6 +24,12 @@ _BOUNDARY = re.compile(
     rf"|(?:[.!?\u061f][{_CLOSERS}]*(?=\s|\Z)|[\u3002\uff01\uff1f][{_CLOSERS}]*)(?:[^\S\n]*\n)*"
 )
 _WHITESPACE = re.compile(r"\s")
+_TEXT = re.compile(r"\S")
+# A line end followed by a line with text. Blank lines stay with the line before them: a run
+# of newlines is then one stretch cut at token boundaries, not one unit per newline, each
+# estimated at a token where o200k_base puts 16 newlines in one (chunks of a 1 MB newline run
+# were then counted again and again as they grew by 2,000 newlines at a time).
+_LINE_START = re.compile(r"\n(?=[^\S\n]*\S)")
 
 
 def split_text(
@@ -50,7 +54,7 @@ def split_text(
         raise ValueError(
             f"overlap_tokens must be >= 0 and < max_tokens ({max_tokens}), got {overlap_tokens}"
         )
-    counter: _Counter = _Exact(get_encoding(encoding)) if encoding else _Estimate()
+    counter: _Counter = _Exact(encoding) if encoding else _Estimate()
     starts, counts = _units(text, counter, max_tokens - overlap_tokens)
     return _Packer(text, counter, starts, counts, max_tokens, overlap_tokens).run()
 
@@ -70,8 +74,9 @@ class _Counter(Protocol):
 
 
 class _Exact:
-    def __init__(self, encoding: tiktoken.Encoding) -> None:
-        self.encoding = encoding
+    def __init__(self, encoding: str) -> None:
+        self.name = encoding
+        self.encoding = get_encoding(encoding)
         # The last text counted, with its tokens: tail() is nearly always asked about the
         # chunk that was just verified, which saves encoding it twice.
         self._last: tuple[str, list[int]] = ("", [])
@@ -80,7 +85,7 @@ class _Exact:
         last_text, last_tokens = self._last
         if text is last_text or text == last_text:
             return last_tokens
-        tokens = self.encoding.encode_ordinary(text)
+        tokens = encode_text(text, self.name)
         self._last = (text, tokens)
         return tokens
 
@@ -94,7 +99,7 @@ class _Exact:
 
     def pieces(self, text: str, limit: int) -> list[tuple[str, int]]:
         data = _utf8(text)
-        sizes = map(len, self.encoding.decode_tokens_bytes(self.encoding.encode_ordinary(text)))
+        sizes = map(len, self.encoding.decode_tokens_bytes(encode_text(text, self.name)))
         offsets = [0, *itertools.accumulate(sizes)]
         last = len(offsets) - 1
         out: list[tuple[str, int]] = []
@@ -113,7 +118,9 @@ class _Exact:
                 count = max(self.count(piece), self.count(piece.strip()))
                 if count <= limit or stop <= token + 1:
                     break
-                stop -= 1
+                # Back off by the excess, not one token: next to a cut (see encode_text) the
+                # slice can be several tokens over, and each try encodes the whole piece.
+                stop = max(token + 1, stop - (count - limit))
             out.append((piece, count))
             start = end
             token = bisect.bisect_left(offsets, start)
@@ -183,7 +190,8 @@ def _units(text: str, counter: _Counter, limit: int) -> tuple[list[int], list[in
 
 def _split_unit(unit: str, counter: _Counter, limit: int) -> list[tuple[int, str, int]]:
     """An over-budget unit as (offset, piece, count): at line ends, else token boundaries."""
-    lines = unit.splitlines(keepends=True)
+    bounds = [0, *(match.end() for match in _LINE_START.finditer(unit)), len(unit)]
+    lines = [unit[start:end] for start, end in itertools.pairwise(bounds)]
     out: list[tuple[int, str, int]] = []
     offset = 0
     for line in lines:
@@ -226,8 +234,11 @@ class _Packer:
                 # (" Word" can be one token and "Word" two): cut it finer and try again.
                 self._resplit(first)
                 continue
-            first, chunk = fitted
-            if not chunk:
+            end, chunk = fitted
+            # Only whitespace after the overlap: the chunk would repeat the last one's end.
+            fresh = _TEXT.search(self.text, self.starts[first], self.starts[end])
+            first = end
+            if fresh is None:
                 continue
             chunks.append(chunk)
             if first < len(self.counts):
@@ -311,10 +322,10 @@ class _Packer:
             tokens = self.counter.count(tail)
         if not tail:
             return None
-        # The chunk was stripped, so in the text it ends before the whitespace at chunk_end.
-        end = chunk_end
-        while self.text[end - 1].isspace():
-            end -= 1
+        # The chunk was stripped, so in the text it ends before the whitespace at chunk_end,
+        # at the last occurrence of its last character: rfind skips a long run of whitespace
+        # at C speed, where stepping back a character at a time made chunking quadratic.
+        end = self.text.rfind(chunk[-1], 0, chunk_end) + 1
         return end - len(tail), tokens
 
 

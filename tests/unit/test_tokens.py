@@ -1,14 +1,22 @@
-"""Offline token counting against an independent BPE implementation, and the model registry."""
+"""Offline token counting against an independent BPE implementation, linear on any text, and
+the model registry."""
 
 from __future__ import annotations
 
+import base64
+import functools
+import itertools
 import json
 import math
 import os
+import random
+import string
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +27,16 @@ from chatjobs.tokens import (
     DEFAULT_MODEL_SPEC,
     ENCODINGS,
     MESSAGE_PART_TOKENS,
+    RUN_CUT,
     ModelSpec,
     TokenCount,
     TokenizerDataError,
     count_messages,
     count_text,
+    encode_text,
     get_encoding,
     lookup_model,
+    upper_bound_tokens,
 )
 
 with warnings.catch_warnings():
@@ -318,3 +329,210 @@ def test_overrides_win_and_define_new_models() -> None:
 def test_malformed_overrides_raise(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="model 'x'"):
         lookup_model("x", overrides={"x": fields})
+
+
+# --------------------------------------------------------------------------------------------
+# Linear time on any content
+
+_CJK = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 3000))
+_EMOJI = "".join(chr(c) for c in range(0x1F600, 0x1F650)) + "🚀🎉👩🏽‍💻"
+
+
+def _pick(alphabet: str, count: int) -> str:
+    return "".join(random.Random(count).choices(alphabet, k=count))
+
+
+@functools.cache
+def pathological(name: str, size: int) -> str:
+    return PATHOLOGICAL[name](size)
+
+
+# Texts of about `size` UTF-8 bytes, each one long tiktoken piece or close to it.
+PATHOLOGICAL: dict[str, Callable[[int], str]] = {
+    "repeated_letter": lambda size: "a" * size,
+    "random_lowercase": lambda size: _pick(string.ascii_lowercase, size),
+    "random_letters": lambda size: _pick(string.ascii_letters, size),
+    "cjk_without_punctuation": lambda size: _pick(_CJK, size // 3),
+    "emoji": lambda size: _pick(_EMOJI, size // 4),
+    "punctuation": lambda size: _pick("!#$%&()*+,-.:;<=>?@[]^_{|}~", size),
+    "spaces": lambda size: " " * size,
+    "newlines": lambda size: "\n" * size,
+    "whitespace_mix": lambda size: _pick(" \t\n\r\u3000", size // 2),
+    "slash_newline": lambda size: "/\n" * (size // 2),
+    "unit_separators": lambda size: "!\x1c" * (size // 2),
+    "json_escapes": lambda size: '\\"\\n' * (size // 4),
+}
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_a_megabyte_of_pathological_text_counts_quickly(encoding: str, name: str) -> None:
+    text = pathological(name, 1_000_000)
+    get_encoding(encoding)
+    started = time.process_time()
+    count = count_text(text, encoding)
+    # Generous: ~0.15 s here; unguarded, random lowercase took 0.6 s and spaces crashed.
+    assert time.process_time() - started < 5
+    assert 0 < count <= len(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("name", sorted(PATHOLOGICAL))
+def test_cut_runs_change_the_count_by_a_few_tokens_per_cut(encoding: str, name: str) -> None:
+    text = pathological(name, 50_000)
+    tokens = encode_text(text, encoding)
+    assert get_encoding(encoding).decode_bytes(tokens) == text.encode("utf-8")
+    exact = len(get_encoding(encoding).encode_ordinary(text))
+    cuts = len(text) // RUN_CUT
+    assert cuts > 0
+    assert len(tokens) == count_text(text, encoding)
+    assert abs(len(tokens) - exact) <= 3 * cuts, (len(tokens), exact, cuts)
+
+
+def _long_normal_texts() -> dict[str, str]:
+    rng = random.Random(5)
+    # Paragraphs of up to ~900 characters without a space or digit, as Chinese is written.
+    sentences = ["".join(rng.choices(_CJK, k=rng.randint(20, 300))) + "。" for _ in range(300)]
+    return {
+        "prose_and_code": TYPICAL_TEXT * 400,
+        "cjk_paragraphs": "\n\n".join(
+            "".join(sentences[i : i + 3]) for i in range(0, len(sentences), 3)
+        ),
+        "base64": base64.b64encode(rng.randbytes(300_000)).decode(),
+        "hex": rng.randbytes(100_000).hex(),
+        "url": "https://example.com/a/b?" + "&".join(f"k{i}=v{i}" for i in range(20_000)),
+        "indentation": "\n".join(" " * rng.randint(0, 900) + "x" for _ in range(500)),
+        "samples": "\n".join(SAMPLES.values()) * 300,
+    }
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("name", sorted(_long_normal_texts()))
+def test_text_without_overlong_runs_counts_exactly(encoding: str, name: str) -> None:
+    text = _long_normal_texts()[name]
+    assert len(text) > 20 * RUN_CUT
+    assert encode_text(text, encoding) == get_encoding(encoding).encode_ordinary(text)
+
+
+_WHITE_SPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)
+}
+
+
+def _reference_runs(text: str) -> set[tuple[int, int]]:
+    """Runs of RUN_CUT+ characters of each class, by looking at every character."""
+    classes: list[Callable[[str], bool]] = [
+        lambda c: c in _WHITE_SPACE,
+        lambda c: c not in _WHITE_SPACE and not c.isdecimal(),
+        lambda c: c in "\r\n/",
+    ]
+    runs = set()
+    for member in classes:
+        position = 0
+        for inside, group in itertools.groupby(text, key=member):
+            size = len(list(group))
+            if inside and size >= RUN_CUT:
+                runs.add((position, position + size))
+            position += size
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_runs_are_found_exactly_on_ascii_and_unicode_text(seed: int) -> None:
+    rng = random.Random(seed)
+    alphabets = [
+        "ab", " \t", "\r\n/", "a1", "x\u3000", "\u3000 \n", "東京", "é!", "٣a", "\x1c!", "7",
+        "\xa0\x85", "🚀\u200d", "a b", "/",
+    ]  # fmt: skip
+    ascii_only = seed % 2 == 0
+    if ascii_only:
+        alphabets = [a for a in alphabets if a.isascii()]
+    text = "".join(
+        "".join(rng.choices(rng.choice(alphabets), k=rng.choice([5, 900, 1023, 1024, 2500])))
+        for _ in range(60)
+    )
+    assert text.isascii() == ascii_only
+    assert set(tokens._runs(text)) == _reference_runs(text)
+
+
+# --------------------------------------------------------------------------------------------
+# Upper bound
+
+
+def _random_text(rng: random.Random) -> str:
+    alphabet = rng.choice(
+        [string.ascii_letters + " ", _CJK, _EMOJI, "\U0001d518\ud800 x", " \n", "<|endoftext|>"]
+    )
+    return "".join(rng.choices(alphabet, k=rng.choice([0, 1, 3, 40, 600])))
+
+
+def _random_message(rng: random.Random) -> Any:
+    if rng.random() < 0.05:
+        return rng.choice([None, "a string", 7, ["list"]])
+    message: dict[str, Any] = {"role": rng.choice(["system", "user", "assistant", "tool", ""])}
+    if rng.random() < 0.3:
+        message["name"] = _random_text(rng)
+    if rng.random() < 0.1:
+        message["role"] = rng.choice([None, 3])
+    roll = rng.random()
+    if roll < 0.4:
+        message["content"] = _random_text(rng)
+    elif roll < 0.8:
+        parts: list[Any] = []
+        for _ in range(rng.randint(0, 5)):
+            kind = rng.choice(["text", "input_text", "output_text", "refusal", "image_url"])
+            if kind == "image_url":
+                parts.append({"type": kind, "image_url": {"url": "https://x.y/a.png"}})
+            elif kind == "refusal":
+                parts.append({"type": kind, "refusal": _random_text(rng)})
+            else:
+                parts.append({"type": kind, "text": rng.choice([_random_text(rng), None, 5])})
+            if rng.random() < 0.1:
+                parts.append(rng.choice(["bare string", None, {"type": "input_audio"}, {}]))
+        message["content"] = parts
+    else:
+        message["content"] = rng.choice([None, 12, {"not": "content"}])
+    if rng.random() < 0.2:
+        arguments = json.dumps({"q": _random_text(rng)}, ensure_ascii=rng.random() < 0.5)
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        message["tool_calls"] = [call] * rng.randint(1, 3)
+    if rng.random() < 0.05:
+        message["function_call"] = {"name": "g", "arguments": _random_text(rng)}
+    return message
+
+
+def test_upper_bound_is_never_below_any_count() -> None:
+    rng = random.Random(3)
+    specs = [lookup_model("gpt-4.1"), lookup_model("gpt-4"), lookup_model("llama-3")]
+    for _ in range(400):
+        messages = [_random_message(rng) for _ in range(rng.randint(0, 6))]
+        tools = None
+        if rng.random() < 0.3:
+            tools = [
+                {"type": "function", "function": {"name": "f", "description": _random_text(rng)}}
+            ]
+        bound = upper_bound_tokens(messages, tools)
+        for spec in specs:
+            assert count_messages(messages, spec, tools=tools).tokens <= bound, messages
+
+
+def test_upper_bound_is_bytes_plus_framing() -> None:
+    assert upper_bound_tokens([]) == 3
+    assert upper_bound_tokens([{"role": "user", "content": "héllo"}]) == 3 + 3 + 4 + 6
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    parts = [{"type": "text", "text": "東京"}, image]
+    assert upper_bound_tokens([{"role": "user", "content": parts, "name": "n"}]) == (
+        3 + 3 + 4 + 1 + 1 + 6 + MESSAGE_PART_TOKENS
+    )
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert upper_bound_tokens([], tools) == 3 + len(json.dumps(tools)) + 12
+
+
+def test_upper_bound_of_ten_megabytes_is_quick() -> None:
+    messages = [
+        {"role": "user", "content": "東京" * 1_750_000},
+        {"role": "user", "content": "a" * 10**7},
+    ]
+    started = time.process_time()
+    assert upper_bound_tokens(messages) == 3 + 2 * (3 + 4) + 10_500_000 + 10**7
+    assert time.process_time() - started < 1
