@@ -1,27 +1,155 @@
-"""JSON that Postgres will store and that reads back: what an upstream sent, made storable.
+"""JSON that Postgres will store and that reads back.
 
-Python's json accepts NaN and Infinity, and strings with NUL or lone surrogates; JSONB refuses
-all of them. An upstream's answer was paid for, so it is kept with those values replaced
-(non-finite numbers become null, NUL and lone surrogates become U+FFFD) rather than lost.
+Python's json accepts NaN and Infinity (and ``1e400``, which it reads as infinity), strings
+with NUL or lone surrogates, and any nesting its recursion allows; JSONB refuses the first
+three, and pydantic's serialiser gives up at about 250 levels. So:
+
+- ``first_offence`` judges what a client sent: a value that could not be stored or read
+  back, with its JSON path, so the API refuses it with a 422 naming the place;
+- ``storable`` makes a value storable and readable by replacing what is not: non-finite
+  numbers become null, NUL and lone surrogates U+FFFD, anything nested deeper than
+  ``MAX_DEPTH`` null. It keeps an upstream's paid-for answer instead of losing it, and it is
+  how every JSON column is read back, whoever wrote the row.
+
+Both walk the value iteratively (no recursion to exhaust) and never below ``MAX_DEPTH`` + 1
+levels: linear in the size of the value. ``storable`` copies only a value that needs it.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
+
+# Levels of arrays and objects in one stored JSON value, the value itself being level 1: far
+# above any chat-completion request (a JSON schema in response_format nests a dozen) and far
+# below what pydantic can serialise inside a job's read shape.
+MAX_DEPTH = 64
 
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
+Path = tuple[str | int, ...]
 
-def storable(value: Any) -> Any:
-    """``value`` with every non-finite number and unstorable character replaced."""
+
+def clean_text(value: str) -> str:
+    """``value`` with NUL and lone surrogates replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+
+
+def _scalar(value: Any) -> Any:
     if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value) if _UNSTORABLE.search(value) else value
+        return clean_text(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {storable(k): storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [storable(v) for v in value]
     return value
+
+
+def _items(container: dict[Any, Any] | list[Any] | tuple[Any, ...]) -> Iterator[tuple[Any, Any]]:
+    return iter(container.items()) if isinstance(container, dict) else enumerate(container)
+
+
+def storable(value: Any, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``value`` made storable and readable (see the module): ``value`` itself when it is
+    already (most rows: one walk, nothing copied), else a cleaned copy."""
+    if first_offence(value, max_depth=max_depth) is None:
+        return value
+    return _cleaned(value, max_depth)
+
+
+def _cleaned(value: Any, max_depth: int) -> Any:
+    if not isinstance(value, dict | list | tuple):
+        return _scalar(value)
+    root: dict[Any, Any] | list[Any] = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, dict[Any, Any] | list[Any], int]] = [(value, root, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        for key, item in _items(source):
+            out: Any
+            if isinstance(item, dict | list | tuple):
+                if depth >= max_depth:
+                    out = None
+                else:
+                    out = {} if isinstance(item, dict) else []
+                    stack.append((item, out, depth + 1))
+            else:
+                out = _scalar(item)
+            if isinstance(target, dict):
+                target[clean_text(key) if isinstance(key, str) else key] = out
+            else:
+                target.append(out)
+    return root
+
+
+@dataclass(frozen=True)
+class Offence:
+    """The first value of a JSON document that cannot be stored: where, which rule, why."""
+
+    path: Path
+    rule: str
+    message: str
+
+
+def _path(node: tuple[Any, ...] | None) -> Path:
+    # Paths are kept as (parent, key) links, one per value, and spelled out only for the
+    # offence: building a tuple per value would cost O(depth) each.
+    keys: list[str | int] = []
+    while node is not None:
+        node, key = node
+        keys.append(clean_text(key) if isinstance(key, str) else key)
+    return tuple(reversed(keys))
+
+
+def first_offence(value: Any, *, max_depth: int = MAX_DEPTH) -> Offence | None:
+    """A value that ``storable`` would have to change, with its path; None if there is none.
+
+    Strings with NUL or lone surrogates (object keys too), NaN and ±Infinity, and arrays or
+    objects nested deeper than ``max_depth`` levels, ``value`` itself being level 1. The
+    members of an array or object are judged before what nests in them; path members are
+    cleaned with ``clean_text``, so an offending key can be named in an error.
+    """
+    found = _scalar_offence(value, False)
+    if found is not None:
+        return Offence((), *found)
+    if not isinstance(value, dict | list | tuple):
+        return None
+    stack: list[tuple[Any, tuple[Any, ...] | None, int]] = [(value, None, 1)]
+    while stack:
+        container, node, depth = stack.pop()
+        if depth > max_depth:
+            return Offence(
+                _path(node),
+                "json_too_deep",
+                f"nests arrays and objects deeper than {max_depth} levels",
+            )
+        for key, item in _items(container):
+            # Most members are numbers, booleans, null or short strings: judged here, without
+            # a stack entry or a path link of their own.
+            if isinstance(key, str) and (found := _scalar_offence(key, True)) is not None:
+                return Offence(_path((node, key)), *found)
+            if isinstance(item, dict | list | tuple):
+                stack.append((item, (node, key), depth + 1))
+            elif (found := _scalar_offence(item, False)) is not None:
+                return Offence(_path((node, key)), *found)
+    return None
+
+
+def _scalar_offence(item: Any, is_key: bool) -> tuple[str, str] | None:
+    if isinstance(item, str):
+        found = _UNSTORABLE.search(item)
+        if found is None:
+            return None
+        where = "key " if is_key else ""
+        if found.group() == "\x00":
+            return (
+                "nul_character",
+                f"{where}must not contain NUL (\\u0000): Postgres cannot store it",
+            )
+        return (
+            "lone_surrogate",
+            f"{where}must not contain a lone surrogate (\\ud800-\\udfff): it is not valid Unicode",
+        )
+    if isinstance(item, float) and not math.isfinite(item):
+        return "non_finite_number", "must be a finite number: NaN and Infinity are not JSON"
+    return None

@@ -1,0 +1,132 @@
+"""What Postgres can store and a reader can serialise: the judge of client input
+(first_offence) and the cleaner of everything else (storable)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
+
+from chatjobs.storable import MAX_DEPTH, first_offence, storable
+
+
+def nested(levels: int, leaf: Any = 1) -> Any:
+    """``levels`` arrays, one inside the other, around ``leaf``."""
+    value = leaf
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "rule"),
+    [
+        ("a\x00b", (), "nul_character"),
+        ({"content": "x\x00"}, ("content",), "nul_character"),
+        ({"a\x00": 1}, ("a\ufffd",), "nul_character"),
+        ({"a": [1, {"b": "\ud800"}]}, ("a", 1, "b"), "lone_surrogate"),
+        ({"\udfff": None}, ("\ufffd",), "lone_surrogate"),
+        ([1, 2, math.nan], (2,), "non_finite_number"),
+        ({"t": math.inf}, ("t",), "non_finite_number"),
+        ({"t": [-math.inf]}, ("t", 0), "non_finite_number"),
+        (nested(MAX_DEPTH + 1), (0,) * MAX_DEPTH, "json_too_deep"),
+        ({"x": nested(MAX_DEPTH)}, ("x",) + (0,) * (MAX_DEPTH - 1), "json_too_deep"),
+    ],
+    ids=[
+        "nul-scalar",
+        "nul-value",
+        "nul-key",
+        "surrogate-value",
+        "surrogate-key",
+        "nan",
+        "infinity",
+        "minus-infinity",
+        "too-deep-array",
+        "too-deep-below-an-object",
+    ],
+)
+def test_first_offence_names_the_path_and_the_rule(
+    value: Any, path: tuple[Any, ...], rule: str
+) -> None:
+    offence = first_offence(value)
+    assert offence is not None
+    assert (offence.path, offence.rule) == (path, rule)
+    assert offence.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        10**4000,
+        -(2**63),
+        1e308,
+        -0.0,
+        "",
+        "emoji \U0001f600 and \u2028",
+        nested(MAX_DEPTH),
+        {"a": [{"b": None}, [], {}], "c": "ok"},
+    ],
+    ids=[
+        "null",
+        "bool",
+        "huge-int",
+        "min-int64",
+        "large-float",
+        "minus-zero",
+        "empty",
+        "astral",
+        "exactly-max-depth",
+        "mixed",
+    ],
+)
+def test_storable_values_have_no_offence_and_are_returned_as_they_are(value: Any) -> None:
+    assert first_offence(value) is None
+    assert storable(value) is value
+
+
+def test_depth_far_beyond_the_recursion_limit_is_judged_without_recursing() -> None:
+    deep = nested(200_000)
+    offence = first_offence(deep)
+    assert offence is not None and offence.rule == "json_too_deep"
+    assert len(offence.path) == MAX_DEPTH
+    cleaned = storable(deep)
+    assert json.dumps(cleaned).count("[") == MAX_DEPTH
+
+
+def test_a_wide_value_is_judged_member_by_member() -> None:
+    wide = [{"k": "v", "n": i, "l": [1, 2]} for i in range(50_000)]
+    assert first_offence(wide) is None
+    wide[-1]["l"][1] = math.nan
+    offence = first_offence(wide)
+    assert offence is not None and offence.path == (49_999, "l", 1)
+
+
+def test_storable_replaces_only_what_cannot_be_stored_or_read() -> None:
+    value = {
+        "text\x00": ["ok", "\ud800x", 1.5, math.nan, 7, True, None],
+        "deep": nested(300),
+        "fine": {"x": [1, "y"]},
+    }
+    out = storable(value)
+    assert out["text\ufffd"] == ["ok", "\ufffdx", 1.5, None, 7, True, None]
+    assert out["fine"] == {"x": [1, "y"]}
+    # The object is level 1: 63 arrays below it are kept, the 64th is replaced by null.
+    assert json.dumps(out["deep"]).count("[") == MAX_DEPTH - 1
+    assert first_offence(out) is None
+
+
+def test_what_storable_returns_serialises_inside_a_pydantic_model() -> None:
+    class Shape(BaseModel):
+        request: dict[str, Any]
+
+    raw = {"x": nested(1000), "y": math.inf, "z": "\ud800"}
+    with pytest.raises(PydanticSerializationError):
+        Shape(request=raw).model_dump_json()
+    dumped = json.loads(Shape(request=storable(raw)).model_dump_json())
+    assert dumped["request"]["y"] is None and dumped["request"]["z"] == "\ufffd"
