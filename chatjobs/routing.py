@@ -18,6 +18,7 @@ A model the file does not list is served by ``CHATJOBS_UPSTREAM_BASE_URL`` with
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -150,8 +151,10 @@ def output_budget(request: dict[str, Any], spec: ModelSpec) -> int:
     """The output tokens a request may ask for: its own limit, else a configured default.
 
     Used for both the context-window check and the rate-limit reservation, so the two agree.
+    Only a positive finite number is a limit: a row from before submit refused the others
+    (NaN, Infinity, strings) holds them still, and int(inf) raises.
     """
     asked = request.get("max_completion_tokens") or request.get("max_tokens")
-    if asked:
-        return int(asked)
+    if isinstance(asked, int | float) and not isinstance(asked, bool) and 0 < asked < math.inf:
+        return max(1, int(asked))
     return min(spec.max_output_tokens, get_settings().default_output_budget)

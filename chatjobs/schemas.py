@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -15,19 +16,39 @@ from pydantic import (
     StrictBool,
     StrictFloat,
     StrictStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from chatjobs import ssrf
 from chatjobs.models import Job, JobStatus
 from chatjobs.settings import get_settings
+from chatjobs.storable import MAX_DEPTH, clean_text, first_offence, storable
 
 # The seed types these as JSON "number": strict, so "0.5" and true are refused, not coerced.
 Temperature = Annotated[StrictFloat, Field(ge=0, le=2)]
 TopP = Annotated[StrictFloat, Field(ge=0, le=1)]
 Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
 PositiveNumber = Annotated[StrictFloat, Field(gt=0)]
+# The jobs.model column is varchar(200).
+ModelName = Annotated[StrictStr, Field(max_length=200)]
+# How far ahead a deadline may be: a job waits at most a year (and a date this side of year
+# 9999 cannot overflow on its way to UTC).
+MAX_DEADLINE = timedelta(days=365)
+
+
+def refuse_unstorable(data: Any, *, title: str, max_depth: int = MAX_DEPTH) -> None:
+    """Raise a ValidationError at the path of the first value of ``data`` that Postgres
+    could not store or that would not read back (chatjobs.storable.first_offence)."""
+    offence = first_offence(data, max_depth=max_depth)
+    if offence is None:
+        return
+    error = PydanticCustomError(offence.rule, offence.message)
+    raise ValidationError.from_exception_data(
+        title, [InitErrorDetails(type=error, loc=offence.path, input=None)]
+    )
 
 
 class Message(BaseModel):
@@ -58,12 +79,14 @@ class ChatCompletionRequest(BaseModel):
 
     Unknown top-level keys are allowed. ``raw`` is the body exactly as the client sent it,
     which is what is stored and forwarded: re-serialising the model would turn 500 into 500.0.
+    So anything in it that Postgres could not store or a reader could not serialise (NUL,
+    lone surrogates, NaN/Infinity, nesting deeper than MAX_DEPTH) is refused, wherever it is.
     """
 
     model_config = ConfigDict(extra="allow")
 
     messages: list[Message]
-    model: StrictStr | None = None
+    model: ModelName | None = None
     temperature: Temperature | None = None
     max_tokens: PositiveNumber | None = None
     max_completion_tokens: PositiveNumber | None = None
@@ -81,6 +104,8 @@ class ChatCompletionRequest(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _keep_raw(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        if isinstance(data, dict):
+            refuse_unstorable(data, title=cls.__name__)
         validated = handler(data)
         validated._raw = data if isinstance(data, dict) else validated.model_dump()
         return validated
@@ -102,7 +127,11 @@ class LongContext(BaseModel):
 
 
 class JobCreate(BaseModel):
-    """The body of POST /v1/jobs."""
+    """The body of POST /v1/jobs.
+
+    Like the request, every field is refused where it holds what Postgres could not store
+    (NUL, lone surrogates, NaN/Infinity, nesting deeper than MAX_DEPTH below the field).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -113,6 +142,15 @@ class JobCreate(BaseModel):
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
     deadline: datetime | None = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            # The request judges itself; the other fields are one level below this object.
+            rest = {key: value for key, value in data.items() if key != "request"}
+            refuse_unstorable(rest, title=cls.__name__, max_depth=MAX_DEPTH + 1)
+        return data
 
     @field_validator("webhook_url")
     @classmethod
@@ -130,8 +168,16 @@ class JobCreate(BaseModel):
             return None
         if value.tzinfo is None:
             raise ValueError("deadline must carry a timezone, e.g. 2030-01-01T00:00:00Z")
-        if value <= datetime.now(UTC):
+        latest = f"at most {MAX_DEADLINE.days} days ahead"
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"deadline must be {latest}") from None
+        now = datetime.now(UTC)
+        if value <= now:
             raise ValueError("deadline must be in the future")
+        if value > now + MAX_DEADLINE:
+            raise ValueError(f"deadline must be {latest}")
         return value
 
 
@@ -147,6 +193,55 @@ class JobError(BaseModel):
     status_code: int | None = None
     code: str | None = None
     request_id: str | None = None
+
+    @classmethod
+    def from_stored(cls, value: Any) -> JobError | None:
+        """The error a row holds, whoever wrote it, never raising: a ``code`` that is a
+        number is shown as its text, and a value that is not an error object as type
+        ``unknown`` with the value as its message."""
+        if not value:
+            return None
+        if not isinstance(value, dict):
+            return cls(type="unknown", message=_text(value))
+        status = value.get("status_code")
+        if not (isinstance(status, int) and not isinstance(status, bool) and 0 < status < 1000):
+            status = None
+        return cls(
+            type=_text(value.get("type") or "unknown"),
+            message=_text(value.get("message") or ""),
+            status_code=status,
+            code=_optional_text(value.get("code")),
+            request_id=_optional_text(value.get("request_id")),
+        )
+
+
+def _text(value: Any) -> str:
+    """A stored value shown where the contract has a string: itself, or its JSON text."""
+    if isinstance(value, str):
+        return clean_text(value)
+    return json.dumps(storable(value), ensure_ascii=False, default=repr)
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _json_object(value: Any) -> dict[str, Any] | None:
+    """A JSON column the contract shows as an object, made readable (chatjobs.storable); a
+    row holding another value there (an old row, another writer) shows it as {"value": it}."""
+    if value is None:
+        return None
+    value = storable(value)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _step_content(result: Any) -> str | None:
+    """The first choice's message content of a step's result, whatever shape it has."""
+    choices = result.get("choices") if isinstance(result, dict) else None
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    return None if content is None else _text(content)
 
 
 class JobRead(BaseModel):
@@ -180,12 +275,13 @@ class JobRead(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job) -> JobRead:
+        """The read shape of a row; never raises on what its JSON columns hold."""
         return cls(
             id=job.id,
             status=job.status,
             model=job.model,
-            request=job.request,
-            result=job.result,
+            request=_json_object(job.request) or {},
+            result=_json_object(job.result),
             usage=Usage(
                 prompt_tokens=job.prompt_tokens,
                 completion_tokens=job.completion_tokens,
@@ -193,14 +289,14 @@ class JobRead(BaseModel):
             ),
             attempts=job.attempts,
             max_attempts=job.max_attempts,
-            error=JobError.model_validate(job.error) if job.error else None,
-            metadata=job.metadata_,
+            error=JobError.from_stored(job.error),
+            metadata=_json_object(job.metadata_),
             webhook_url=job.webhook_url,
             priority=job.priority,
             batch_id=job.batch_id,
             schedule_id=job.schedule_id,
-            progress=job.progress,
-            long_context=job.long_context,
+            progress=_json_object(job.progress),
+            long_context=_json_object(job.long_context),
             prompt_token_estimate=job.prompt_token_estimate,
             token_count_method=job.token_count_method,
             deadline=job.deadline,
@@ -228,9 +324,7 @@ class StepRead(BaseModel):
 
     @classmethod
     def from_job(cls, job: Job) -> StepRead:
-        content = None
-        if job.result:
-            content = (job.result.get("choices") or [{}])[0].get("message", {}).get("content")
+        """The read shape of a step's row; never raises on what its JSON columns hold."""
         return cls(
             id=job.id,
             kind=job.step_kind or "",
@@ -238,13 +332,13 @@ class StepRead(BaseModel):
             index=job.step_index or 0,
             status=job.status,
             attempts=job.attempts,
-            content=content,
+            content=_step_content(job.result),
             usage=Usage(
                 prompt_tokens=job.prompt_tokens,
                 completion_tokens=job.completion_tokens,
                 total_tokens=job.total_tokens,
             ),
-            error=JobError.model_validate(job.error) if job.error else None,
+            error=JobError.from_stored(job.error),
             completed_at=job.completed_at,
         )
 

@@ -127,11 +127,14 @@ def _raise_for_status(response: httpx.Response) -> None:
 def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
     try:
         payload = response.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return response.text[:500] or response.reason_phrase, None
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message") or error), error.get("code") or error.get("type")
+        code = error.get("code")
+        if code is None or code == "":
+            code = error.get("type")
+        return str(error.get("message") or error), _code_text(code)
     return json.dumps(payload)[:500], None
 
 
@@ -139,6 +142,13 @@ def retry_after(headers: httpx.Headers) -> float | None:
     """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date).
 
     Garbled or non-finite values are ignored rather than trusted.
+def _code_text(code: Any) -> str | None:
+    """An error code as text: providers send strings, numbers (``"code": 123``) or null."""
+    if code is None:
+        return None
+    return (code if isinstance(code, str) else json.dumps(code, default=str))[:200]
+
+
     """
     if (ms := headers.get("retry-after-ms")) is not None:
         seconds = _finite(ms)
