@@ -138,10 +138,6 @@ def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
     return json.dumps(payload)[:500], None
 
 
-def retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date).
-
-    Garbled or non-finite values are ignored rather than trusted.
 def _code_text(code: Any) -> str | None:
     """An error code as text: providers send strings, numbers (``"code": 123``) or null."""
     if code is None:
@@ -149,6 +145,10 @@ def _code_text(code: Any) -> str | None:
     return (code if isinstance(code, str) else json.dumps(code, default=str))[:200]
 
 
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the upstream asked us to wait: retry-after-ms, else Retry-After (secs or date).
+
+    Garbled or non-finite values are ignored rather than trusted.
     """
     if (ms := headers.get("retry-after-ms")) is not None:
         seconds = _finite(ms)
