@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
+from api.request_id import RequestId
 from api.routes import health, jobs, webhooks
 from chatjobs import longcontext
 from chatjobs.settings import get_settings
@@ -25,6 +26,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # added last, so outermost: every response gets its id
     # Loading the encodings takes ~1.5 s: done at start-up, not in the first request.
     threading.Thread(target=longcontext.warm, name="warm-encodings", daemon=True).start()
     return app

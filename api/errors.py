@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.request_id import request_id
 from chatjobs.errors import (
     AuthenticationFailed,
     ChatJobsError,
@@ -19,6 +21,7 @@ from chatjobs.errors import (
     ContextTooLong,
     NotFound,
 )
+from chatjobs.storable import clean_text
 
 log = logging.getLogger("chatjobs.api")
 
@@ -34,10 +37,22 @@ def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message, **extra}}
 
 
+def _internal(request: Request, type_: str, message: str) -> JSONResponse:
+    """A 500 in the envelope, with the request's id in the body and the header (this response
+    may be sent from outside the middleware that sets the header)."""
+    rid = request_id(request.scope) or f"req_{uuid.uuid4().hex}"
+    return JSONResponse(
+        status_code=500,
+        content=error_body(type_, message, request_id=rid),
+        headers={"x-request-id": rid},
+    )
+
+
 def _param(loc: tuple[int | str, ...]) -> str:
     if loc[:1] == ("body",) and all(isinstance(p, int) for p in loc[1:]):
         return "body"  # the body itself, e.g. JSON that does not parse
-    parts = [str(p) for p in loc if p not in ("body",)]
+    # A key may hold what the client should not have sent (NUL, a lone surrogate).
+    parts = [clean_text(str(p)) for p in loc if p not in ("body",)]
     out = ""
     for part in parts:
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
@@ -48,7 +63,7 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     details = []
     for err in exc.errors():
-        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        message = clean_text(str(err.get("msg", "invalid")).removeprefix("Value error, "))
         details.append(
             {
                 "param": _param(tuple(err.get("loc", ()))),
@@ -68,17 +83,15 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-def _chatjobs_error(_: Request, exc: Exception) -> JSONResponse:
+def _chatjobs_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ConfigurationError):
         # The operator's mistake, not the client's: the details (file paths, parse errors)
         # go to the log, the client learns only that the service is misconfigured.
-        log.error("configuration error: %s", exc)
-        return JSONResponse(
-            status_code=500,
-            content=error_body(
-                "configuration_error",
-                "the service is misconfigured; its operator must fix it (see the API log)",
-            ),
+        log.error("configuration error request_id=%s: %s", request_id(request.scope), exc)
+        return _internal(
+            request,
+            "configuration_error",
+            "the service is misconfigured; its operator must fix it (see the API log)",
         )
     for cls, status, type_ in _STATUS:
         if isinstance(exc, cls):
@@ -86,8 +99,25 @@ def _chatjobs_error(_: Request, exc: Exception) -> JSONResponse:
             return JSONResponse(
                 status_code=status, content=error_body(type_, str(exc)), headers=headers
             )
-    log.error("unmapped %s", type(exc).__name__, exc_info=exc)
-    return JSONResponse(status_code=500, content=error_body("internal_error", "internal error"))
+    return _unexpected(request, exc)
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # Starlette's ServerErrorMiddleware calls this for any exception nothing else handled,
+    # even once a response has started (it then sends nothing); the traceback is logged
+    # under the id the client sees.
+    response = _internal(
+        request, "internal_error", "internal error; quote the request_id when reporting it"
+    )
+    log.error(
+        "unexpected %s request_id=%s %s %s",
+        type(exc).__name__,
+        response.headers["x-request-id"],
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    return response
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -114,3 +144,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ChatJobsError, _chatjobs_error)
+    app.add_exception_handler(Exception, _unexpected)
