@@ -177,18 +177,18 @@ def _parse_ranks(data: bytes, name: str) -> dict[bytes, int]:
 # superlinear in the piece's length and, for whitespace, the regex itself is: one run of
 # letters, of CJK, of emoji or punctuation, or of whitespace is one piece, however long.
 # Measured with o200k_base on this machine: 1 MB of random lowercase letters took 0.6 s
-# (0.06 s for 0.2 MB), 1 MB of newlines 0.45 s and 2 MB 1.2 s, and 1 MB of spaces does not
-# finish at all: tiktoken's regex overflows its stack and raises pyo3's PanicException, a
+# (0.06 s for 0.2 MB), 1 MB of newlines 0.45 s and 2 MB 1.2 s; and 1 MB of spaces fails:
+# tiktoken's regex runs out of backtracking stack and raises pyo3's PanicException, a
 # BaseException that `except Exception` does not catch.
 #
 # Every piece of both encodings is at most three digits, a run of White_Space, or one
-# character of prefix, then a run of characters that are neither White_Space nor digits,
+# character of prefix, then a run of characters that are neither White_Space nor numbers,
 # then a run of [\r\n/] (o200k_base) or [\r\n] (cl100k_base) or an English contraction. So
 # cutting every run of RUN_CUT or more such characters (of each of the three classes) into
 # RUN_CUT-character segments, encoded one after the other, bounds every piece by about
 # 2 * RUN_CUT characters, and encoding is linear in the text. Text without such a run is one
-# segment and encodes exactly as tiktoken does. A cut changes the count only where it falls,
-# by -2..+3 tokens (0 or +1 in 97% of 66,000 random cuts in both encodings).
+# segment and encodes exactly as tiktoken does. A cut changes the tokens only where it falls:
+# the count moved by -2..+3 (0 or +1 in 97%) over 66,000 random cuts in both encodings.
 #
 # RUN_CUT is measured (o200k_base, CPU seconds per MB of the worst content found, random
 # lowercase letters): 0.124 at 256, 0.139 at 1024, 0.148 at 2048, 0.161 at 4096, 0.198 at
@@ -235,8 +235,8 @@ def encode_text(text: str, encoding: str) -> list[int]:
     Equal to tiktoken's encode_ordinary unless `text` holds a run of RUN_CUT characters or
     more of White_Space, of characters other than White_Space and digits, or of \\r, \\n and
     /: such runs are cut into RUN_CUT-character segments encoded separately, which changes the
-    tokens next to each cut (the count by -2..+3, mostly 0 or +1). The tokens still decode to
-    `text`.
+    tokens next to each cut (measured: the count by -2..+3, mostly 0 or +1). The tokens still
+    decode to `text`. Use this, never the Encoding's own encode, on text from a request.
     """
     encoder = get_encoding(encoding)
     segments = _segments(text)
@@ -483,11 +483,11 @@ def count_text(text: str, encoding: str | None) -> int:
 
     Linear in the text for any content: exact (tiktoken's count) unless the text holds a run
     of RUN_CUT characters or more without a break, which is cut, each cut moving the count by
-    -2..+3 tokens (see encode_text). Special-token strings such as "<|endoftext|>" count as
-    ordinary text, as the API treats them. The estimate is an upper bound for typical English
-    prose and code, which take 3.7 to 5.6 bytes per token in both encodings. It is not one for
-    dense text: CJK (about 3 bytes per token in o200k_base, 2.7 in cl100k_base), Arabic in
-    cl100k_base (2.2), emoji and symbol runs can exceed it.
+    a few tokens (-2..+3 measured; see encode_text). Special-token strings such as
+    "<|endoftext|>" count as ordinary text, as the API treats them. The estimate is an upper
+    bound for typical English prose and code, which take 3.7 to 5.6 bytes per token in both
+    encodings. It is not one for dense text: CJK (about 3 bytes per token in o200k_base, 2.7
+    in cl100k_base), Arabic in cl100k_base (2.2), emoji and symbol runs can exceed it.
     """
     if encoding is None:
         return math.ceil(_utf8_size(text) / 3)
