@@ -9,7 +9,9 @@ three, and pydantic's serialiser gives up at about 250 levels. So:
 - ``storable`` makes a value storable and readable by replacing what is not: non-finite
   numbers become null, NUL and lone surrogates U+FFFD, anything nested deeper than
   ``MAX_DEPTH`` null. It keeps an upstream's paid-for answer instead of losing it, and it is
-  how every JSON column is read back, whoever wrote the row.
+  how every JSON column is read back, whoever wrote the row;
+- ``loads`` reads a JSON column's text, including what Postgres holds and Python's json
+  cannot read (an integer over 4,300 digits, nesting past the recursion limit).
 
 Both walk the value iteratively (no recursion to exhaust) and never below ``MAX_DEPTH`` + 1
 levels: linear in the size of the value. ``storable`` copies only a value that needs it.
@@ -17,6 +19,7 @@ levels: linear in the size of the value. ``storable`` copies only a value that n
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -153,3 +156,23 @@ def _scalar_offence(item: Any, is_key: bool) -> tuple[str, str] | None:
     if isinstance(item, float) and not math.isfinite(item):
         return "non_finite_number", "must be a finite number: NaN and Infinity are not JSON"
     return None
+
+
+def loads(data: str | bytes) -> Any:
+    """``json.loads`` for JSON columns (the engine's ``json_deserializer``), never raising on
+    what Postgres holds: an integer too long for Python's int parser loads as infinity (which
+    ``storable`` shows as null), a document nested past the recursion limit as None."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        return None
+    except ValueError:
+        # Postgres only returns valid JSON: the one ValueError left is int's digit limit.
+        return json.loads(data, parse_int=_int_or_float)
+
+
+def _int_or_float(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # too many digits: infinity

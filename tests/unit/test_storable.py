@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
-from chatjobs.storable import MAX_DEPTH, first_offence, storable
+from chatjobs.storable import MAX_DEPTH, first_offence, loads, storable
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:
@@ -130,3 +130,10 @@ def test_what_storable_returns_serialises_inside_a_pydantic_model() -> None:
         Shape(request=raw).model_dump_json()
     dumped = json.loads(Shape(request=storable(raw)).model_dump_json())
     assert dumped["request"]["y"] is None and dumped["request"]["z"] == "\ufffd"
+
+
+def test_loads_reads_what_postgres_holds_and_python_json_cannot() -> None:
+    long_int = "1" + "0" * 5000  # Postgres prints 1e5000 in full
+    assert storable(loads('{"n": ' + long_int + ', "m": 2}')) == {"n": None, "m": 2}
+    assert loads("[" * 100_000 + "]" * 100_000) is None
+    assert loads(b'{"x": [1, 2.5, "s", null]}') == {"x": [1, 2.5, "s", None]}
