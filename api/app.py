@@ -6,7 +6,7 @@ import threading
 
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, methods, openapi
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
 from api.routes import health, jobs, webhooks
@@ -22,6 +22,8 @@ def create_app() -> FastAPI:
         description="Durable, asynchronous OpenAI-style chat-completion jobs.",
     )
     errors.install(app)
+    openapi.install(app)
+    methods.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)

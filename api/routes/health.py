@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from api.openapi import READINESS
 from chatjobs.db import get_engine
 from chatjobs.settings import get_settings
 
@@ -28,7 +29,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=READINESS)
 def readyz() -> JSONResponse:
     """Postgres and Redis both answer; 503 naming whichever does not."""
     checks: dict[str, str] = {}

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import TenantDep
+from api.openapi import EVENT_STREAM, SUBMIT_EXAMPLE, V1_ERRORS, errors
 from chatjobs import events, jobs
 from chatjobs.db import session_scope
 from chatjobs.errors import JobNotFound
@@ -21,10 +22,16 @@ from chatjobs.models import JobStatus
 from chatjobs.schemas import JobCreate, JobList, JobRead, StepRead
 
 log = logging.getLogger("chatjobs.api")
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 
 
-@router.post("", status_code=202, response_model=JobRead)
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobRead,
+    responses=errors(400, 409, 413, 422, 429),
+    openapi_extra=SUBMIT_EXAMPLE,
+)
 def create_job(
     body: JobCreate,
     tenant_id: TenantDep,
@@ -77,14 +84,14 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobRead)
+@router.get("/{job_id}", response_model=JobRead, responses=errors(404))
 def get_job(job_id: uuid.UUID, tenant_id: TenantDep) -> JobRead:
     """One job, with its result and usage once it has them."""
     with session_scope() as session:
         return JobRead.from_job(jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobRead)
+@router.post("/{job_id}/cancel", response_model=JobRead, responses=errors(404, 409, 413))
 def cancel_job(job_id: uuid.UUID, tenant_id: TenantDep) -> JobRead:
     """Cancel a queued, retrying or running job; 409 if it has already finished."""
     with session_scope() as session:
@@ -93,7 +100,7 @@ def cancel_job(job_id: uuid.UUID, tenant_id: TenantDep) -> JobRead:
         )
 
 
-@router.get("/{job_id}/steps", response_model=list[StepRead])
+@router.get("/{job_id}/steps", response_model=list[StepRead], responses=errors(404))
 def list_steps(job_id: uuid.UUID, tenant_id: TenantDep) -> list[StepRead]:
     """The map and reduce steps of a chunked job, in order, each with its own result."""
     with session_scope() as session:
@@ -119,7 +126,11 @@ def _sse(event: str, data: str) -> bytes:
     return f"event: {event}\ndata: {data}\n\n".encode()
 
 
-@router.get("/{job_id}/events", response_class=StreamingResponse)
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={**EVENT_STREAM, **errors(404, 429)},
+)
 async def job_events(job_id: uuid.UUID, tenant_id: TenantDep, request: Request) -> Response:
     """Server-sent events: `status` (the job's read shape) at once and on every change,
     `delta` (content as it streams, for stream: true requests), then `done`."""

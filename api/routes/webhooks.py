@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body
-from pydantic import BaseModel, Field
+from fastapi import APIRouter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from api.deps import TenantDep
+from api.openapi import V1_ERRORS, errors
 from chatjobs import deliveries, jobs
 from chatjobs.db import session_scope
 from chatjobs.models import DeliveryStatus, WebhookSecret
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=V1_ERRORS)
 
 
 class SecretRead(BaseModel):
@@ -68,12 +69,26 @@ def get_secret(tenant_id: TenantDep) -> SecretList:
         return _secrets(deliveries.active_secrets(session, tenant_id))
 
 
-@router.post("/v1/webhooks/secret/rotate", response_model=SecretList)
-def rotate_secret(
-    tenant_id: TenantDep,
-    overlap_seconds: Annotated[float, Body(embed=True, ge=0, le=30 * 86400)] = 86400,
-) -> SecretList:
+def _whole(value: Any) -> Any:
+    # JSON Schema's integer is a number without a fraction: 60.0 is 60; true and "60" are not.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class RotateSecret(BaseModel):
+    # Strict: `false` or "1e3" would otherwise become 0 or 1000 and cut the overlap short.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    overlap_seconds: Annotated[int, Field(ge=0, le=30 * 86400), BeforeValidator(_whole)] = Field(
+        default=86400, description="how long the old secret keeps signing (default one day)"
+    )
+
+
+@router.post(
+    "/v1/webhooks/secret/rotate", response_model=SecretList, responses=errors(400, 413, 422)
+)
+def rotate_secret(tenant_id: TenantDep, body: RotateSecret | None = None) -> SecretList:
     """Start signing with a new secret; the old one also signs for ``overlap_seconds``."""
+    overlap_seconds = (body or RotateSecret()).overlap_seconds
     with session_scope() as session:
         return _secrets(deliveries.rotate_secret(session, tenant_id, overlap_seconds))
 
@@ -90,6 +105,12 @@ class DisabledUrlList(BaseModel):
     """URLs nothing is sent to: each answered 410. Events for them are recorded as gone."""
 
     data: list[DisabledUrlRead]
+
+
+class EnableUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    url: Annotated[str, Field(max_length=2048)]
 
 
 class EnabledUrl(BaseModel):
@@ -116,18 +137,18 @@ def list_disabled(tenant_id: TenantDep) -> DisabledUrlList:
         )
 
 
-@router.post("/v1/webhooks/enable", response_model=EnabledUrl)
-def enable_url(
-    tenant_id: TenantDep, url: Annotated[str, Body(embed=True, max_length=2048)]
-) -> EnabledUrl:
+@router.post("/v1/webhooks/enable", response_model=EnabledUrl, responses=errors(400, 404, 413, 422))
+def enable_url(tenant_id: TenantDep, body: EnableUrl) -> EnabledUrl:
     """Deliver to a disabled URL again (later events; earlier ones by redelivery); 404 if
     it is not disabled."""
     with session_scope() as session:
-        deliveries.enable_url(session, tenant_id, url)
-    return EnabledUrl(url=url)
+        deliveries.enable_url(session, tenant_id, body.url)
+    return EnabledUrl(url=body.url)
 
 
-@router.get("/v1/jobs/{job_id}/deliveries", response_model=list[DeliveryRead])
+@router.get(
+    "/v1/jobs/{job_id}/deliveries", response_model=list[DeliveryRead], responses=errors(404)
+)
 def list_deliveries(job_id: uuid.UUID, tenant_id: TenantDep) -> list[DeliveryRead]:
     """The job's webhook deliveries, each with every attempt made."""
     with session_scope() as session:
@@ -169,7 +190,11 @@ class Redelivered(BaseModel):
     webhook_id: str = Field(description="the same webhook-id as every earlier attempt")
 
 
-@router.post("/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver", response_model=Redelivered)
+@router.post(
+    "/v1/jobs/{job_id}/deliveries/{delivery_id}/redeliver",
+    response_model=Redelivered,
+    responses=errors(404, 409, 413),
+)
 def redeliver(job_id: uuid.UUID, delivery_id: uuid.UUID, tenant_id: TenantDep) -> Redelivered:
     """Send a delivery again (same webhook-id), whatever became of it; 409 while an attempt
     is in flight or while its URL is disabled."""
