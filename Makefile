@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit lint bench clean
+.PHONY: install run services test test-unit lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ install: $(STAMP)
 
 run: install
 	bash scripts/run.sh
+
+# A private Postgres and Redis in .run/services until Ctrl-C; prints their URLs as exports.
+services: install
+	$(BIN)/chatjobs dev-services
 
 test: install
 	$(BIN)/pytest -q
