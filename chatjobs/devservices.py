@@ -15,8 +15,9 @@ directory is given to it, and when the wheel sits where `nobody` cannot enter (a
 
 Each server is a child in a session of its own, like `chatjobs.testing.Proc`: a Ctrl-C meant
 for the caller lets the caller finish against a live server, and `stop()` (or the exit hook)
-ends it. A cluster left running by an owner killed with SIGKILL is stopped by the next start
-in the same directory, since it holds the data directory's lock.
+ends it. An owner killed with SIGKILL cannot stop them, so each running server has a record,
+``<name>.pid`` (server pid, owner pid, port), and `reap()` stops the servers whose owner is
+gone: every start in a directory does, and the test suite reaps its earlier sessions' dirs.
 """
 
 from __future__ import annotations
@@ -73,13 +74,12 @@ class Server:
                 **_as_user(self.user),
             )
         atexit.register(self.stop)
+        self.record.write_text(f"{self.popen.pid} {os.getpid()} {self.port}\n")
         deadline = time.monotonic() + timeout
         while not self.ready():
-            if not self.running:
-                raise ConfigurationError(f"{self.name} exited at start:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
+            if not self.running or time.monotonic() > deadline:
                 self.stop()
-                raise ConfigurationError(f"{self.name} not ready in {timeout}s:\n{self.log_tail()}")
+                raise ConfigurationError(f"{self.name} did not start:\n{self.log_tail()}")
             time.sleep(0.02)
         return self
 
@@ -95,6 +95,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
         self.popen.wait()
+        self.record.unlink(missing_ok=True)
+
+    @property
+    def record(self) -> Path:
+        return self.log_path.with_suffix(".pid")
 
     def restart(self) -> None:
         self.stop()
@@ -117,8 +122,8 @@ def start_postgres(directory: Path, *, durable: bool = True) -> Server:
     directory = _own_directory(directory, user)
     data = directory / "postgres"
     bindir = _postgres_bindir(user)
+    reap(directory)
     _initdb(bindir, data, user)
-    _stop_leftover_postmaster(data)
     port = free_port()
     settings = {
         "listen_addresses": HOST,
@@ -145,6 +150,7 @@ def start_redis(directory: Path) -> Server:
     """A Redis without persistence (it only carries job ids), logging to ``directory``/redis.log;
     its ``url`` is ``redis://127.0.0.1:PORT/0``."""
     directory.mkdir(parents=True, exist_ok=True)
+    reap(directory)
     port = free_port()
     argv = [
         str(_redis_server()),
@@ -159,6 +165,44 @@ def start_redis(directory: Path) -> Server:
         log_path=directory / "redis.log",
         ready=lambda: _redis_answers(port),
     ).start()
+
+
+def reap(directory: Path) -> bool:
+    """Stop the servers in ``directory`` whose owner died without stopping them (SIGKILL).
+    True when it held records and no owner is alive: nothing there is in use any more."""
+    records = list(directory.glob("*.pid"))
+    for record in records:
+        try:
+            server, owner, port = (int(n) for n in record.read_text().split())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            return False
+        try:
+            cmdline = Path(f"/proc/{server}/cmdline").read_bytes()
+        except OSError:
+            cmdline = b""
+        # The pid may have been reused: Postgres names its data directory, Redis its port.
+        if os.fsencode(str(directory)) in cmdline or f":{port}".encode() in cmdline:
+            os.kill(server, signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while _alive(server) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        record.unlink(missing_ok=True)
+    return bool(records)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # an exited process that nobody has reaped yet is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def answers(url: str, timeout: float = 1.0) -> bool:
@@ -254,21 +298,6 @@ def _initdb(bindir: Path, data: Path, user: pwd.struct_passwd | None) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, check=False, **_as_user(user))
     if done.returncode != 0:
         raise ConfigurationError(f"initdb {data} failed:\n{done.stdout}{done.stderr}")
-
-
-def _stop_leftover_postmaster(data: Path) -> None:
-    """Stop the cluster of an owner killed with SIGKILL: it still holds ``data``'s lock."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError, IndexError):
-        return
-    if os.fsencode(str(data)) not in cmdline:
-        return  # the pid now belongs to someone else
-    os.kill(pid, signal.SIGINT)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _postgres_answers(port: int) -> bool:

@@ -35,7 +35,11 @@ _private: dict[str, devservices.Server] = {}
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     global PG_ADMIN, REDIS
-    directory = Path(tempfile.mkdtemp(prefix="chatjobs-test-services-"))
+    # Servers of earlier sessions killed with SIGKILL (a live session's are left alone).
+    for earlier in Path(tempfile.gettempdir()).glob(f"{_SERVICES_PREFIX}*"):
+        if devservices.reap(earlier):
+            shutil.rmtree(earlier, ignore_errors=True)
+    directory = Path(tempfile.mkdtemp(prefix=_SERVICES_PREFIX))
     session.config.stash[_SERVICES_DIR] = directory
     if not PG_ADMIN:
         _private["postgres"] = devservices.start_postgres(directory, durable=False)
@@ -52,6 +56,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 _SERVICES_DIR = pytest.StashKey[Path]()
+_SERVICES_PREFIX = "chatjobs-test-services-"
 
 
 @pytest.fixture(scope="session")

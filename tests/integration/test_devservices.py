@@ -94,17 +94,26 @@ def test_cli_prints_exports_and_stops_both_on_sigterm(directory: Path) -> None:
     assert not any(devservices.answers(url) for url in exports.values())
 
 
-def test_a_cluster_left_by_a_killed_owner_is_stopped_by_the_next_start(directory: Path) -> None:
-    proc, exports = start_cli(directory, "--only", "postgres")
+def test_servers_left_by_a_killed_owner_are_stopped_by_the_next_start(directory: Path) -> None:
+    proc, exports = start_cli(directory)
     proc.kill()
     proc.wait()
-    orphan = int((directory / "postgres" / "postmaster.pid").read_text().split()[0])
-    assert devservices.answers(exports["CHATJOBS_DATABASE_URL"])
+    assert all(devservices.answers(url) for url in exports.values())
 
     pg = devservices.start_postgres(directory, durable=False)
     try:
-        assert not Path(f"/proc/{orphan}").exists()
+        assert not devservices.answers(exports["CHATJOBS_REDIS_URL"])
         with psycopg.connect(f"{pg.url}/postgres") as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         pg.stop()
+    assert devservices.reap(directory) is False  # nothing left to reap
+
+
+def test_reap_leaves_the_servers_of_a_live_owner_alone(directory: Path) -> None:
+    server = devservices.start_redis(directory)
+    try:
+        assert devservices.reap(directory) is False
+        assert devservices.answers(server.url)
+    finally:
+        server.stop()
