@@ -23,6 +23,7 @@ gone: every start in a directory does, and the test suite reaps its earlier sess
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import pwd
@@ -184,7 +185,8 @@ def reap(directory: Path) -> bool:
             cmdline = b""
         # The pid may have been reused: Postgres names its data directory, Redis its port.
         if os.fsencode(str(directory)) in cmdline or f":{port}".encode() in cmdline:
-            os.kill(server, signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server, signal.SIGINT)
             deadline = time.monotonic() + 30
             while _alive(server) and time.monotonic() < deadline:
                 time.sleep(0.05)
