@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 # Levels of arrays and objects in one stored JSON value, the value itself being level 1: far
@@ -115,8 +117,12 @@ def first_offence(value: Any, *, max_depth: int = MAX_DEPTH) -> Offence | None:
     found = _scalar_offence(value, False)
     if found is not None:
         return Offence((), *found)
-    if not isinstance(value, dict | list | tuple):
+    if not isinstance(value, dict | list | tuple) or _surely_clean(value, max_depth):
         return None
+    # Only a value with an offence (or text that looks like one) is walked here.
+    # The hot loop of a 10 MiB body: exact type tests, locals, no call per member.
+    search = _UNSTORABLE.search
+    isfinite = math.isfinite
     stack: list[tuple[Any, tuple[Any, ...] | None, int]] = [(value, None, 1)]
     while stack:
         container, node, depth = stack.pop()
@@ -126,35 +132,103 @@ def first_offence(value: Any, *, max_depth: int = MAX_DEPTH) -> Offence | None:
                 "json_too_deep",
                 f"nests arrays and objects deeper than {max_depth} levels",
             )
-        for key, item in _items(container):
-            # Most members are numbers, booleans, null or short strings: judged here, without
-            # a stack entry or a path link of their own.
-            if isinstance(key, str) and (found := _scalar_offence(key, True)) is not None:
-                return Offence(_path((node, key)), *found)
-            if isinstance(item, dict | list | tuple):
-                stack.append((item, (node, key), depth + 1))
+        if type(container) is dict:
+            members: Any = container.items()
+        elif len(container) > 32 and _uniform_and_clean(container):
+            continue
+        else:
+            members = enumerate(container)
+        for key, item in members:
+            if type(key) is str and search(key):
+                return Offence(_path((node, key)), *_text_offence(key, "key "))
+            kind = type(item)
+            if kind is str:
+                if search(item):
+                    return Offence(_path((node, key)), *_text_offence(item, ""))
+            elif kind is float:
+                if not isfinite(item):
+                    return Offence(_path((node, key)), *_NON_FINITE)
+            elif kind is int or kind is bool or item is None:
+                pass
+            elif kind is dict or kind is list or isinstance(item, dict | list | tuple):
+                # An empty array or object counts only for its depth.
+                if item or depth >= max_depth:
+                    stack.append((item, (node, key), depth + 1))
             elif (found := _scalar_offence(item, False)) is not None:
                 return Offence(_path((node, key)), *found)
     return None
 
 
+# A JSON string in json.dumps output, and the escape of NUL (not preceded by an escaped "\").
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_PARENS = bytes.maketrans(b"[{]}", b"(())")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[{]}"))
+_STEPS = bytes.maketrans(b"()", b"\x01\xff")  # +1 and -1 as signed bytes
+_QUICK_PASSES = 8
+
+
+def _surely_clean(value: Any, max_depth: int) -> bool:
+    """True when ``value`` certainly has no offence, decided at C speed: json.dumps refuses
+    NaN and Infinity, UTF-8 encoding refuses lone surrogates, NUL shows as its escape, and
+    the depth is that of the brackets outside strings (innermost pairs removed per level).
+    False means "walk it": there is an offence, or the value is not plain JSON."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        data = text.encode()
+    except (ValueError, TypeError, RecursionError):  # UnicodeEncodeError is a ValueError
+        return False
+    if b"\\u0000" in data and _NUL_ESCAPE.search(data):
+        return False
+    brackets = _JSON_STRING.sub(b"", data).translate(_PARENS, _NOT_BRACKETS)
+    # Each pass removes the innermost pairs, one level: most values are gone in a few. What
+    # remains is measured in one pass (+1 per open, -1 per close; its deepest prefix).
+    for removed in range(_QUICK_PASSES):
+        if not brackets:
+            return True
+        if removed == max_depth:
+            return False
+        brackets = brackets.replace(b"()", b"")
+    if not brackets:
+        return True
+    steps = array("b", brackets.translate(_STEPS))
+    return _QUICK_PASSES + max(accumulate(steps)) <= max_depth
+
+
+_NON_FINITE = ("non_finite_number", "must be a finite number: NaN and Infinity are not JSON")
+_NOTHING_NESTED = frozenset({int, bool, type(None)})
+
+
+def _uniform_and_clean(container: Any) -> bool:
+    """True when a large array holds only members that cannot offend, decided at C speed
+    (numbers, or strings searched as one); False when the members must be judged one by one."""
+    kinds = set(map(type, container))
+    if kinds <= _NOTHING_NESTED:
+        return True
+    if kinds == {str}:
+        return _UNSTORABLE.search("".join(container)) is None
+    if kinds <= {float, int}:
+        try:
+            return all(map(math.isfinite, container))
+        except OverflowError:  # an int too large for a float: judged one by one
+            return False
+    return False
+
+
+def _text_offence(text: str, where: str) -> tuple[str, str]:
+    if "\x00" in text:
+        return "nul_character", f"{where}must not contain NUL (\\u0000): Postgres cannot store it"
+    return (
+        "lone_surrogate",
+        f"{where}must not contain a lone surrogate (\\ud800-\\udfff): it is not valid Unicode",
+    )
+
+
 def _scalar_offence(item: Any, is_key: bool) -> tuple[str, str] | None:
     if isinstance(item, str):
-        found = _UNSTORABLE.search(item)
-        if found is None:
-            return None
-        where = "key " if is_key else ""
-        if found.group() == "\x00":
-            return (
-                "nul_character",
-                f"{where}must not contain NUL (\\u0000): Postgres cannot store it",
-            )
-        return (
-            "lone_surrogate",
-            f"{where}must not contain a lone surrogate (\\ud800-\\udfff): it is not valid Unicode",
-        )
+        return _text_offence(item, "key " if is_key else "") if _UNSTORABLE.search(item) else None
     if isinstance(item, float) and not math.isfinite(item):
-        return "non_finite_number", "must be a finite number: NaN and Infinity are not JSON"
+        return _NON_FINITE
     return None
 
 

@@ -8,10 +8,12 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
 
-from chatjobs.storable import MAX_DEPTH, first_offence, loads, storable
+from chatjobs.storable import MAX_DEPTH, _surely_clean, first_offence, loads, storable
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:
@@ -137,3 +139,46 @@ def test_loads_reads_what_postgres_holds_and_python_json_cannot() -> None:
     assert storable(loads('{"n": ' + long_int + ', "m": 2}')) == {"n": None, "m": 2}
     assert loads("[" * 100_000 + "]" * 100_000) is None
     assert loads(b'{"x": [1, 2.5, "s", null]}') == {"x": [1, 2.5, "s", None]}
+
+
+def reference_offends(value: Any, depth: int = 1, max_depth: int = MAX_DEPTH) -> bool:
+    """The rules, spelled out recursively (fine for the small values generated here)."""
+    if isinstance(value, str):
+        return "\x00" in value or any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return depth > max_depth or any(
+            reference_offends(k, depth, max_depth) or reference_offends(v, depth + 1, max_depth)
+            for k, v in value.items()
+        )
+    if isinstance(value, list):
+        return depth > max_depth or any(reference_offends(v, depth + 1, max_depth) for v in value)
+    return False
+
+
+CHARACTERS = st.characters() | st.sampled_from(["\x00", "\ud800", "\udfff", "\\", '"'])
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(CHARACTERS, max_size=8)
+    | st.sampled_from(["\\u0000", '\\"\x00', "[{", "}]"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(CHARACTERS), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(value=JSON_VALUES, max_depth=st.integers(1, 12))
+def test_the_fast_judgement_and_the_walk_agree_with_the_rules(value: Any, max_depth: int) -> None:
+    offends = reference_offends(value, max_depth=max_depth)
+    offence = first_offence(value, max_depth=max_depth)
+    assert (offence is not None) == offends
+    if isinstance(value, dict | list):
+        assert _surely_clean(value, max_depth) == (not offends)
+    cleaned = storable(value, max_depth=max_depth)
+    assert first_offence(cleaned, max_depth=max_depth) is None
+    if not offends:
+        assert cleaned is value
