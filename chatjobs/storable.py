@@ -13,8 +13,10 @@ three, and pydantic's serialiser gives up at about 250 levels. So:
 - ``loads`` reads a JSON column's text, including what Postgres holds and Python's json
   cannot read (an integer over 4,300 digits, nesting past the recursion limit).
 
-Both walk the value iteratively (no recursion to exhaust) and never below ``MAX_DEPTH`` + 1
-levels: linear in the size of the value. ``storable`` copies only a value that needs it.
+Both are linear in the size of the value and never recurse: a value is first judged at C
+speed (``_surely_clean``, about the cost of one json.dumps), and only one with an offence is
+walked, iteratively and never below ``MAX_DEPTH`` + 1 levels. ``storable`` copies only a
+value that needs it.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def _cleaned(value: Any, max_depth: int) -> Any:
 
 @dataclass(frozen=True)
 class Offence:
-    """The first value of a JSON document that cannot be stored: where, which rule, why."""
+    """A value of a JSON document that cannot be stored: where, which rule, why."""
 
     path: Path
     rule: str
