@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -454,3 +455,30 @@ def test_any_json_value_anywhere_is_refused_by_name_or_read_back_as_sent(
     assert same_json(sent, find(job)), (sent, find(job))
     # Cancelled, so a worker of the session never runs the fuzz's jobs.
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+
+
+@pytest.mark.parametrize("value", [b"a\x00b", b"a\x01b", b"\xff\xfe", b"\xed\xa0\x80"])
+def test_an_idempotency_key_with_control_or_non_utf8_bytes_is_never_a_5xx(
+    api_url: str, api_key: str, value: bytes
+) -> None:
+    # Raw bytes on the wire: httpx refuses to send them. The server itself answers a control
+    # byte with 400; other bytes arrive as latin-1 text, which Postgres stores.
+    host, port = api_url.removeprefix("http://").split(":")
+    body = json.dumps(request()).encode()
+    head = (
+        b"POST /v1/jobs HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer "
+        + api_key.encode()
+        + b"\r\nidempotency-key: "
+        + value
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: close\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500, answer[:500]
