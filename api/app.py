@@ -7,9 +7,10 @@ import threading
 from fastapi import FastAPI
 
 from api import errors, methods, openapi
+from api.auth import Authenticate
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
-from api.routes import health, jobs, webhooks
+from api.routes import health, jobs, keys, webhooks
 from chatjobs import longcontext
 from chatjobs.settings import get_settings
 
@@ -27,7 +28,15 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(keys.router)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        large_bytes=settings.large_body_bytes,
+        max_large=settings.max_large_bodies,
+        wait_seconds=settings.large_body_wait_seconds,
+    )
+    app.add_middleware(Authenticate)  # outside BodySizeLimit: the key before the body
     app.add_middleware(RequestId)  # added last, so outermost: every response gets its id
     # Loading the encodings takes ~1.5 s: done at start-up, not in the first request.
     threading.Thread(target=longcontext.warm, name="warm-encodings", daemon=True).start()

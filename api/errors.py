@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from typing import Any
 
@@ -19,7 +20,9 @@ from chatjobs.errors import (
     ConfigurationError,
     Conflict,
     ContextTooLong,
+    LimitExceeded,
     NotFound,
+    TooManyUpstreamCalls,
 )
 from chatjobs.storable import clean_text
 
@@ -29,6 +32,8 @@ _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
     (NotFound, 404, "not_found"),
     (Conflict, 409, "conflict"),
     (AuthenticationFailed, 401, "authentication_error"),
+    (LimitExceeded, 429, "rate_limit_exceeded"),
+    (TooManyUpstreamCalls, 422, "too_many_upstream_calls"),
     (ContextTooLong, 422, "context_length_exceeded"),
 ]
 
@@ -96,6 +101,8 @@ def _chatjobs_error(request: Request, exc: Exception) -> JSONResponse:
     for cls, status, type_ in _STATUS:
         if isinstance(exc, cls):
             headers = {"www-authenticate": "Bearer"} if status == 401 else None
+            if isinstance(exc, LimitExceeded):
+                headers = _limit_headers(exc)
             return JSONResponse(
                 status_code=status, content=error_body(type_, str(exc)), headers=headers
             )
@@ -118,6 +125,23 @@ def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         exc_info=exc,
     )
     return response
+
+
+def _limit_headers(exc: LimitExceeded) -> dict[str, str]:
+    # Retry-After in whole seconds (HTTP), retry-after-ms for clients that read it (OpenAI's).
+    wait = max(0.0, exc.retry_after)
+    return {
+        "retry-after": str(math.ceil(wait)),
+        "retry-after-ms": str(math.ceil(wait * 1000)),
+        **exc.headers,
+    }
+
+
+def error_response(request: Request, exc: ChatJobsError | OperationalError) -> JSONResponse:
+    """The handlers' answer to ``exc``, for ASGI steps that run before them (api/auth.py)."""
+    if isinstance(exc, OperationalError):
+        return _database_error(request, exc)
+    return _chatjobs_error(request, exc)
 
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:

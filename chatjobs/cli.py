@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from chatjobs.settings import get_settings
 
@@ -69,6 +69,91 @@ def _keys_create(ns: argparse.Namespace) -> None:
     print(key)
 
 
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S%z") if value is not None else "-"
+
+
+def _keys_list(ns: argparse.Namespace) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.tenants import list_keys
+
+    with session_scope() as session:
+        keys = list_keys(session=session, tenant_name=ns.tenant)
+    print(f"{'PREFIX':<12} {'TENANT':<24} {'CREATED':<24} REVOKED")
+    for key in keys:
+        created, revoked = _when(key.created_at), _when(key.revoked_at)
+        print(f"{key.prefix:<12} {key.tenant:<24} {created:<24} {revoked}")
+
+
+def _keys_revoke(ns: argparse.Namespace) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.errors import ChatJobsError
+    from chatjobs.tenants import revoke_key
+
+    try:
+        with session_scope() as session:
+            key = revoke_key(session=session, prefix=ns.prefix)
+    except ChatJobsError as exc:
+        sys.exit(f"chatjobs keys revoke: {exc}")
+    print(
+        f"revoked {key.prefix} of tenant {key.tenant!r} at {_when(key.revoked_at)}; API processes "
+        f"refuse it within CHATJOBS_AUTH_CACHE_SECONDS ({get_settings().auth_cache_seconds:g} s)"
+    )
+
+
+def _limit(text: str) -> int | None:
+    """A limit for `tenants set`: a number (0 = no limit) or `default`."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a limit is 0 (no limit) or more")
+    return value
+
+
+def _tenants_set(ns: argparse.Namespace) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.errors import ChatJobsError
+    from chatjobs.tenants import LIMITS, set_limits
+
+    values = {name: getattr(ns, name) for name in LIMITS if getattr(ns, name) is not _UNSET}
+    if not values:
+        sys.exit("chatjobs tenants set: name at least one limit, e.g. --submit-rps 50")
+    try:
+        with session_scope() as session:
+            set_limits(session=session, tenant_name=ns.name, values=values)
+    except ChatJobsError as exc:
+        sys.exit(f"chatjobs tenants set: {exc}")
+    print(
+        f"tenant {ns.name!r}: "
+        + ", ".join(f"{k}={'default' if v is None else v}" for k, v in values.items())
+        + " (API processes apply it within CHATJOBS_AUTH_CACHE_SECONDS)"
+    )
+
+
+def _tenants_list(ns: argparse.Namespace) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.tenants import LIMITS, list_tenants
+
+    settings = get_settings()
+
+    def shown(own: int | None, name: str) -> str:
+        value = own if own is not None else getattr(settings, f"tenant_{name}")
+        text = "none" if value == 0 else str(value)
+        return text if own is not None else f"{text}*"
+
+    with session_scope() as session:
+        rows = list_tenants(session=session)
+        print(f"{'TENANT':<24} {'KEYS':>4} " + " ".join(f"{n.upper():>17}" for n in LIMITS))
+        for tenant, active in rows:
+            limits = " ".join(f"{shown(getattr(tenant, n), n):>17}" for n in LIMITS)
+            print(f"{tenant.name:<24} {active:>4} {limits}")
+    print("* the default (CHATJOBS_TENANT_*); none: no limit")
+
+
 def _simulate(ns: argparse.Namespace) -> None:
     from chatjobs import simulator
 
@@ -108,6 +193,9 @@ def _prune(ns: argparse.Namespace) -> None:
     print(f"{verb} {deleted} finished jobs older than {older_than} (with their steps and calls)")
 
 
+_UNSET: object = object()  # a `tenants set` flag not given: that limit is left as it is
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatjobs", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +228,29 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys_sub.add_parser("create", help="create an API key (and the tenant if new)")
     create.add_argument("--tenant", required=True)
     create.set_defaults(func=_keys_create)
+    keys_list = keys_sub.add_parser("list", help="list API keys: prefix, tenant, created, revoked")
+    keys_list.add_argument("--tenant", help="only this tenant's")
+    keys_list.set_defaults(func=_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke the API key with this prefix")
+    revoke.add_argument("prefix", help="as `chatjobs keys list` shows it, e.g. cj_AbC12xY")
+    revoke.set_defaults(func=_keys_revoke)
+
+    tenants = sub.add_parser("tenants", help="per-tenant limits")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    tenants_set = tenants_sub.add_parser(
+        "set", help="set a tenant's own limits (N, 0 for no limit, or `default`)"
+    )
+    tenants_set.add_argument("name")
+    for flag, what in (
+        ("--submit-rps", "job submissions per second (POST /v1/jobs)"),
+        ("--max-queued", "jobs waiting (queued or retrying) at once"),
+        ("--max-streams", "event streams open at once"),
+        ("--max-calls-per-job", "map calls one long input may be split into"),
+    ):
+        tenants_set.add_argument(flag, type=_limit, default=_UNSET, metavar="N", help=what)
+    tenants_set.set_defaults(func=_tenants_set)
+    tenants_list = tenants_sub.add_parser("list", help="tenants, their keys and limits")
+    tenants_list.set_defaults(func=_tenants_list)
 
     simulate = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
     simulate.add_argument("--host", default="127.0.0.1")

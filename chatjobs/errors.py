@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 
 class ChatJobsError(Exception):
     """Base of every chatjobs error."""
+
+
+_E = TypeVar("_E", bound=ChatJobsError)
 
 
 # --- the caller asked for something that cannot be done -------------------------------
@@ -26,6 +29,14 @@ class DeliveryNotFound(NotFound):
 
 class DisabledUrlNotFound(NotFound):
     """The tenant has not got that webhook URL disabled."""
+
+
+class TenantNotFound(NotFound):
+    """No tenant has that name."""
+
+
+class KeyNotFound(NotFound):
+    """No API key of this tenant (or, for the operator, of any tenant) has that prefix."""
 
 
 class Conflict(ChatJobsError):
@@ -48,12 +59,53 @@ class WebhookUrlDisabled(Conflict):
     """The receiver answered 410 and its URL is disabled until the tenant enables it again."""
 
 
+class AmbiguousKeyPrefix(Conflict):
+    """More than one API key has that prefix; name the key by a longer one."""
+
+
 class ContextTooLong(ChatJobsError):
     """The request does not fit the model's context window and cannot be made to."""
 
 
+class TooManyUpstreamCalls(ContextTooLong):
+    """Split to fit the window, the request needs more map calls than its tenant may make."""
+
+
 class AuthenticationFailed(ChatJobsError):
     """The API key is missing, malformed or unknown."""
+
+
+# --- a per-tenant limit ------------------------------------------------------------------
+
+
+class LimitExceeded(ChatJobsError):
+    """A per-tenant limit refuses the request for now; it may succeed after ``retry_after``.
+
+    ``headers`` are the ones the answer carries besides Retry-After (x-ratelimit-*).
+    """
+
+    def __init__(
+        self, message: str, *, retry_after: float, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.headers = dict(headers or {})
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.__dict__))
+
+
+class SubmitRateExceeded(LimitExceeded):
+    """The tenant submits jobs faster than its limit per second."""
+
+
+class QueueLimitExceeded(LimitExceeded):
+    """The tenant already has as many queued or retrying jobs as it may."""
+
+
+class StreamLimitExceeded(LimitExceeded):
+    """The tenant already has as many event streams open as it may."""
 
 
 # --- the deployment's configuration ------------------------------------------------
@@ -105,7 +157,7 @@ class UpstreamError(ChatJobsError):
         return _TYPE_NAMES.get(type(self), "upstream_error")
 
 
-def _rebuild(cls: type[UpstreamError], message: str, state: dict[str, object]) -> UpstreamError:
+def _rebuild(cls: type[_E], message: str, state: dict[str, object]) -> _E:
     err = cls.__new__(cls)
     Exception.__init__(err, message)
     err.__dict__.update(state)

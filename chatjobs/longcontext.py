@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chatjobs.chunking import split_text
-from chatjobs.errors import ContextTooLong
+from chatjobs.errors import ContextTooLong, TooManyUpstreamCalls
 from chatjobs.routing import model_spec, output_budget
 from chatjobs.schemas import LongContext
 from chatjobs.settings import get_settings
@@ -68,7 +68,11 @@ def warm() -> None:
 
 
 def plan_at_submit(
-    request: dict[str, Any], model: str, long_context: LongContext | None
+    request: dict[str, Any],
+    model: str,
+    long_context: LongContext | None,
+    *,
+    max_calls: int | None = None,
 ) -> Plan | None:
     """The plan when it is cheap to make now; None when the worker must make it.
 
@@ -82,13 +86,21 @@ def plan_at_submit(
     if upper <= COUNT_AT_SUBMIT or upper > spec.context_window - budget:
         if upper > PLAN_AT_SUBMIT:
             return None
-        return plan(request, model, long_context)
+        return plan(request, model, long_context, max_calls=max_calls)
     return Plan(None, None, spec.context_window, budget)
 
 
-def plan(request: dict[str, Any], model: str, long_context: LongContext | None) -> Plan:
+def plan(
+    request: dict[str, Any],
+    model: str,
+    long_context: LongContext | None,
+    *,
+    max_calls: int | None = None,
+) -> Plan:
     """Count the prompt and, when prompt + output budget exceeds the window, apply the job's
-    strategy (default map_reduce). Raises ContextTooLong for the error strategy."""
+    strategy (default map_reduce). Raises ContextTooLong for the error strategy, and
+    TooManyUpstreamCalls when map_reduce needs more than ``max_calls`` map steps (the
+    tenant's limit; None: CHATJOBS_TENANT_MAX_CALLS_PER_JOB; 0: no limit)."""
     spec = model_spec(model)
     messages = request.get("messages") or []
     count = count_messages(messages, spec, tools=request.get("tools"))
@@ -108,8 +120,10 @@ def plan(request: dict[str, Any], model: str, long_context: LongContext | None) 
     if options.strategy == "truncate":
         result.upstream_request, result.record = _truncate(request, spec, budget)
         return result
+    if max_calls is None:
+        max_calls = get_settings().tenant_max_calls_per_job
     result.map_requests, result.map_tokens, result.record = _map_requests(
-        request, spec, budget, options
+        request, spec, budget, options, max_calls
     )
     return result
 
@@ -190,7 +204,7 @@ def _document_index(messages: list[dict[str, Any]]) -> int:
 
 
 def _map_requests(
-    request: dict[str, Any], spec: ModelSpec, budget: int, options: LongContext
+    request: dict[str, Any], spec: ModelSpec, budget: int, options: LongContext, max_calls: int
 ) -> tuple[list[dict[str, Any]], list[int], dict[str, Any]]:
     messages = request["messages"]
     doc = _document_index(messages)
@@ -212,6 +226,13 @@ def _map_requests(
     chunks = split_text(
         messages[doc]["content"], encoding=spec.encoding, max_tokens=room, overlap_tokens=overlap
     )
+    if max_calls and len(chunks) > max_calls:
+        # Before the copies: refusing a 10 MB document must not cost one copy per chunk.
+        raise TooManyUpstreamCalls(
+            f"the document splits into {len(chunks)} parts of at most {room} tokens for "
+            f"{spec.name}'s window, so the job would make {len(chunks)} map calls (and "
+            f"reduces), over this tenant's limit of {max_calls} upstream calls per job"
+        )
     out_key = "max_completion_tokens" if "max_completion_tokens" in request else "max_tokens"
     requests = []
     counts = []

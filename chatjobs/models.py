@@ -70,6 +70,12 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    # The tenant's own limits: NULL takes the deployment's default (CHATJOBS_TENANT_*),
+    # 0 means no limit.
+    submit_rps: Mapped[int | None] = mapped_column(Integer)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    max_streams: Mapped[int | None] = mapped_column(Integer)
+    max_calls_per_job: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

@@ -38,6 +38,20 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     auth_cache_seconds: float = Field(30.0, ge=0)
+    # A body over large_body_bytes costs ~6x its size to parse and store: at most
+    # max_large_bodies of them are read at once per API process; others wait up to
+    # large_body_wait_seconds (unread, in the socket), then get a 503 with Retry-After.
+    large_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_large_bodies: int = Field(4, ge=1)
+    large_body_wait_seconds: float = Field(10.0, ge=0)
+
+    # Per-tenant limits: the defaults for tenants without their own (`chatjobs tenants set`);
+    # 0 means no limit. Submissions per second on POST /v1/jobs, with a burst of one
+    # second's worth; queued or retrying jobs; open event streams; map steps of one job.
+    tenant_submit_rps: int = Field(200, ge=0)
+    tenant_max_queued: int = Field(100_000, ge=0)
+    tenant_max_streams: int = Field(100, ge=0)
+    tenant_max_calls_per_job: int = Field(100, ge=0)
 
     # Webhooks: CIDRs a receiver may resolve to despite being private (development, tests).
     webhook_allow_private: str = ""

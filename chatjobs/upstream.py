@@ -23,6 +23,7 @@ from chatjobs.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from chatjobs.scrub import scrub_configured
 from chatjobs.settings import Settings, get_settings
 
 DeltaCallback = Callable[[dict[str, Any]], None]
@@ -99,7 +100,9 @@ async def chat_completion(
     except httpx.TimeoutException as exc:
         raise UpstreamTimeout(f"upstream timed out: {type(exc).__name__}") from exc
     except (httpx.TransportError, httpx.StreamError) as exc:
-        raise UpstreamConnectionError(f"upstream connection failed: {exc!r}") from exc
+        raise UpstreamConnectionError(
+            scrub_configured(f"upstream connection failed: {exc!r}")
+        ) from exc
     usage = _usage(completion)
     return Completion(
         body=completion,
@@ -116,7 +119,8 @@ def _raise_for_status(response: httpx.Response) -> None:
         return
     message, code = _error_detail(response)
     raise UpstreamStatusError(
-        f"upstream answered {response.status_code}: {message}",
+        # Providers quote the key they refused: never let it reach the job or the log.
+        scrub_configured(f"upstream answered {response.status_code}: {message}"),
         status_code=response.status_code,
         code=code,
         request_id=response.headers.get("x-request-id"),
@@ -181,7 +185,7 @@ def _parse_completion(response: httpx.Response) -> dict[str, Any]:
     except ValueError as exc:
         raise UpstreamMalformedResponse(
             f"upstream answered {response.status_code} with a body that is not JSON: "
-            f"{response.text[:200]!r}",
+            f"{scrub_configured(response.text[:2000])[:200]!r}",
             status_code=response.status_code,
             request_id=response.headers.get("x-request-id"),
         ) from exc
@@ -223,11 +227,17 @@ class StreamAssembler:
         try:
             chunk = json.loads(data)
         except ValueError as exc:
-            raise UpstreamMalformedResponse(f"stream chunk is not JSON: {data[:200]!r}") from exc
+            raise UpstreamMalformedResponse(
+                f"stream chunk is not JSON: {scrub_configured(data[:2000])[:200]!r}"
+            ) from exc
         if not isinstance(chunk, dict):
-            raise UpstreamMalformedResponse(f"stream chunk is not an object: {data[:200]!r}")
+            raise UpstreamMalformedResponse(
+                f"stream chunk is not an object: {scrub_configured(data[:2000])[:200]!r}"
+            )
         if "error" in chunk:
-            raise UpstreamMalformedResponse(f"upstream sent an error mid-stream: {chunk['error']}")
+            raise UpstreamMalformedResponse(
+                scrub_configured(f"upstream sent an error mid-stream: {chunk['error']}")
+            )
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             if key in chunk and key not in self.head:
                 self.head[key] = chunk[key]

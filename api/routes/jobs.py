@@ -13,7 +13,8 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import TenantDep
+from api.deps import CallerDep, TenantDep
+from api.limits import limiter
 from api.openapi import EVENT_STREAM, SUBMIT_EXAMPLE, V1_ERRORS, errors
 from chatjobs import events, jobs
 from chatjobs.db import session_scope
@@ -131,13 +132,16 @@ def _sse(event: str, data: str) -> bytes:
     response_class=StreamingResponse,
     responses={**EVENT_STREAM, **errors(404, 429)},
 )
-async def job_events(job_id: uuid.UUID, tenant_id: TenantDep, request: Request) -> Response:
+async def job_events(job_id: uuid.UUID, caller: CallerDep, request: Request) -> Response:
     """Server-sent events: `status` (the job's read shape) at once and on every change,
-    `delta` (content as it streams, for stream: true requests), then `done`."""
+    `delta` (content as it streams, for stream: true requests), then `done`. 429 while the
+    tenant has its limit of streams open."""
+    tenant_id = caller.tenant_id
     opened = await run_in_threadpool(_read, tenant_id, job_id)  # a 404 before the stream opens
+    slot = await limiter().open_stream(caller)  # a 429 before it opens, too
 
     async def stream() -> AsyncIterator[bytes]:
-        async with events.hub().listen(events.channel(job_id)) as inbox:
+        async with slot, events.hub().listen(events.channel(job_id)) as inbox:
             # Subscribed first, status read second: a change before this read shows in it,
             # a change after it is announced on the channel.
             job = opened
