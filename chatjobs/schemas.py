@@ -80,7 +80,7 @@ class ChatCompletionRequest(BaseModel):
     Unknown top-level keys are allowed. ``raw`` is the body exactly as the client sent it,
     which is what is stored and forwarded: re-serialising the model would turn 500 into 500.0.
     So anything in it that Postgres could not store or a reader could not serialise (NUL,
-    lone surrogates, NaN/Infinity, nesting deeper than MAX_DEPTH) is refused, wherever it is.
+    lone surrogates, NaN/Infinity, nesting deeper than 64 levels) is refused, wherever it is.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -129,8 +129,9 @@ class LongContext(BaseModel):
 class JobCreate(BaseModel):
     """The body of POST /v1/jobs.
 
-    Like the request, every field is refused where it holds what Postgres could not store
-    (NUL, lone surrogates, NaN/Infinity, nesting deeper than MAX_DEPTH below the field).
+    Anywhere in it (the request included), a string holding NUL or a lone surrogate, a
+    number that is NaN or Infinity, or arrays and objects nested more than 64 levels below
+    a field are refused with a 422 naming their place: a job is stored only if it reads back.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -140,7 +141,10 @@ class JobCreate(BaseModel):
     metadata: dict[str, Any] | None = None
     long_context: LongContext | None = None
     priority: Annotated[int, Field(ge=-100, le=100)] = 0
-    deadline: datetime | None = None
+    deadline: Annotated[
+        datetime | None,
+        Field(description="with a timezone; in the future, at most 365 days ahead"),
+    ] = None
     max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
 
     @model_validator(mode="before")

@@ -130,6 +130,8 @@ def read_everywhere(client: httpx.Client, job_id: uuid.UUID) -> dict[str, Any]:
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=10) as events:
         assert events.status_code == 200
         body = events.read().decode()
+    for response in (one, listed, steps, events):
+        assert response.headers.get("x-request-id"), response.request.url
     assert "event: status" in body and "event: done" in body, body
     status_data = body.split("event: status\ndata: ", 1)[1].split("\n", 1)[0]
     assert json.loads(status_data)["id"] == str(job_id)
