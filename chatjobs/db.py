@@ -12,6 +12,7 @@ from sqlalchemy import Engine, MetaData, create_engine, func, make_url, select, 
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
+from chatjobs import storable
 from chatjobs.settings import get_settings
 
 NAMING_CONVENTION = {
@@ -40,6 +41,9 @@ def get_engine() -> Engine:
         # work reconnects.
         pool_timeout=30,
         connect_args={"connect_timeout": 5},
+        # Reads what Python's json refuses (numbers over 4,300 digits, deep nesting) that
+        # older rows may hold: a stored row must always read back.
+        json_deserializer=storable.loads,
     )
 
 

@@ -20,6 +20,7 @@ from chatjobs.tokens import (
     ModelSpec,
     count_messages,
     count_text,
+    encode_text,
     get_encoding,
     upper_bound_tokens,
 )
@@ -188,7 +189,7 @@ def _head(text: str, tokens: int, encoding: str | None) -> str:
     if encoding is None:
         return text.encode()[: tokens * 3].decode(errors="ignore")
     enc = get_encoding(encoding)
-    return enc.decode(enc.encode_ordinary(text)[:tokens])
+    return enc.decode(encode_text(text, encoding)[:tokens])
 
 
 def _document_index(messages: list[dict[str, Any]]) -> int:

@@ -182,7 +182,7 @@ def _finite(value: str) -> float | None:
 def _parse_completion(response: httpx.Response) -> dict[str, Any]:
     try:
         body = response.json()
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UpstreamMalformedResponse(
             f"upstream answered {response.status_code} with a body that is not JSON: "
             f"{scrub_configured(response.text[:2000])[:200]!r}",
@@ -199,11 +199,27 @@ def _parse_completion(response: httpx.Response) -> dict[str, Any]:
 
 
 def _usage(completion: dict[str, Any]) -> dict[str, int]:
-    usage = completion.get("usage") or {}
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion_tokens = int(usage.get("completion_tokens") or 0)
-    total = int(usage.get("total_tokens") or prompt + completion_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens, "total_tokens": total}
+    return clean_usage(completion.get("usage")) or dict.fromkeys(_USAGE_KEYS, 0)
+
+
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def clean_usage(usage: Any) -> dict[str, int] | None:
+    """An upstream's usage as three non-negative integers, whatever shape it came in: a
+    malformed usage must never cost the answer it came with."""
+    if not isinstance(usage, dict):
+        return None
+    out: dict[str, int] = {}
+    for key in _USAGE_KEYS:
+        value = usage.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**31:
+            out[key] = int(value)
+        else:  # missing, a string, negative, NaN, absurd: counted as nothing
+            out[key] = 0
+    if not out["total_tokens"]:
+        out["total_tokens"] = min(out["prompt_tokens"] + out["completion_tokens"], 2**31 - 1)
+    return out
 
 
 class StreamAssembler:
@@ -226,7 +242,7 @@ class StreamAssembler:
             return True
         try:
             chunk = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise UpstreamMalformedResponse(
                 f"stream chunk is not JSON: {scrub_configured(data[:2000])[:200]!r}"
             ) from exc

@@ -110,7 +110,7 @@ class DisabledUrlList(BaseModel):
 class EnableUrl(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: Annotated[str, Field(max_length=2048)]
+    url: Annotated[str, Field(max_length=2048, pattern=r"^[^\x00]*$")]
 
 
 class EnabledUrl(BaseModel):

@@ -26,7 +26,6 @@ from chatjobs.jobs.attempts import (
     Planned,
     apply_plan,
     claim_job,
-    clean_usage,
     defer_job,
     error_record,
     fail_attempt,
@@ -45,6 +44,7 @@ from chatjobs.jobs.submit import (
     list_steps,
 )
 from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune, prune_batch, reconcile
+from chatjobs.upstream import clean_usage
 
 __all__ = [
     "Call",

@@ -27,6 +27,7 @@ from chatjobs.longcontext import Plan
 from chatjobs.models import Job, JobStatus, UpstreamCall
 from chatjobs.settings import get_settings
 from chatjobs.storable import storable
+from chatjobs.upstream import clean_usage
 
 
 @dataclass(frozen=True)
@@ -251,22 +252,6 @@ class Outcome:
 
     status: str
     publish: list[uuid.UUID]
-
-
-def clean_usage(usage: Any) -> dict[str, int] | None:
-    """An upstream's usage as three non-negative integers, whatever shape it came in."""
-    if not isinstance(usage, dict):
-        return None
-    out: dict[str, int] = {}
-    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        value = usage.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 2**31:
-            out[key] = int(value)
-        else:  # missing, a string, negative, NaN, absurd: counted as nothing
-            out[key] = 0
-    if not out["total_tokens"]:
-        out["total_tokens"] = min(out["prompt_tokens"] + out["completion_tokens"], 2**31 - 1)
-    return out
 
 
 def _log_call(session: Session, claim: Claim, call: Call) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chatjobs import longcontext
 from chatjobs.testing import wait_job
 from chatjobs.tokens import count_messages, count_text, lookup_model
 from tests.conftest import MiniStack
@@ -247,19 +248,19 @@ def test_an_input_that_fits_gpt_4_1_exactly_is_one_call_and_one_more_token_is_ch
     assert count_messages(fitting, spec).tokens == target
     over = messages_with(target - base + 1)
     assert count_messages(over, spec).tokens == target + 1
+    requests = [
+        {"model": "gpt-4.1", "messages": messages, "max_tokens": budget}
+        for messages in (fitting, over)
+    ]
     with stack.client(api_key) as client:
-        one = client.post(
-            "/v1/jobs",
-            json={"request": {"model": "gpt-4.1", "messages": fitting, "max_tokens": budget}},
-        ).json()
-        two = client.post(
-            "/v1/jobs",
-            json={"request": {"model": "gpt-4.1", "messages": over, "max_tokens": budget}},
-        ).json()
-        for job in (one, two):
+        # Each body is ~2 MB: too large to plan in the API, so both are accepted unplanned...
+        jobs = [client.post("/v1/jobs", json={"request": r}).json() for r in requests]
+        for job in jobs:
+            assert job["status"] == "queued" and job["prompt_token_estimate"] is None
             client.post(f"/v1/jobs/{job['id']}/cancel")
-    assert one["prompt_token_estimate"] == target
-    assert one["progress"] is None and one["status"] == "queued"
-    assert two["prompt_token_estimate"] == target + 1
-    assert two["long_context"]["strategy"] == "map_reduce"
-    assert two["progress"]["map"]["total"] >= 2
+    # ... and the worker's plan (the same function) draws the line at the exact token.
+    one, two = (longcontext.plan(r, "gpt-4.1", None) for r in requests)
+    assert one.prompt_tokens == target and not one.map_requests
+    assert two.prompt_tokens == target + 1
+    assert two.record is not None and two.record["strategy"] == "map_reduce"
+    assert len(two.map_requests) >= 2

@@ -270,10 +270,6 @@ def test_a_row_python_json_cannot_load_reads_with_storable_loads(
     assert json.loads(read.model_dump_json())["id"] == str(job_id)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chatjobs/db.py get_engine must pass json_deserializer=chatjobs.storable.loads",
-)
 @pytest.mark.parametrize("columns", UNLOADABLE.values(), ids=UNLOADABLE.keys())
 def test_a_row_python_json_cannot_load_reads_through_the_api(
     api_url: str, tenant_key: tuple[uuid.UUID, str], columns: dict[str, str]
