@@ -1,10 +1,11 @@
 """The OpenAPI document as the API behaves, checked by Schemathesis (tests/contract).
 
 FastAPI's generated document knows the handlers' parameters and response models, not the
-rest of the contract: the bearer key every /v1 operation needs (``api/deps.py`` reads the
-header itself), the error envelope of ``api/errors.py`` under every status an operation can
-answer, and shapes a custom validator enforces. Routes declare their statuses with
-``responses=errors(...)``; ``install`` adds the rest to the generated document once.
+rest of the contract: the bearer key every /v1 operation needs (``api/auth.py`` reads the
+header before FastAPI does), the error envelope of ``api/errors.py`` under every status an
+operation can answer, the headers every response carries, and shapes a custom validator
+enforces. Routes declare their statuses with ``responses=errors(...)``; ``install`` adds the
+rest to the generated document once.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ _REQUEST_ID = {
 _ERRORS: dict[int, dict[str, Any]] = {
     400: {"description": "The body is not UTF-8 text (`http_error`)."},
     401: {
-        "description": "The API key is missing, malformed or unknown (`authentication_error`).",
+        "description": "The API key is missing, malformed, unknown or revoked "
+        "(`authentication_error`).",
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
     },
     404: {"description": "No such resource for this tenant (`not_found`)."},
@@ -74,7 +76,8 @@ _ERRORS: dict[int, dict[str, Any]] = {
         "names the first field at fault, `details` every one."
     },
     429: {
-        "description": "A per-tenant limit is reached (`rate_limit_exceeded`).",
+        "description": "A per-tenant limit is reached (`rate_limit_exceeded`): submissions "
+        "per second, queued jobs or open event streams.",
         "headers": {"Retry-After": {**_RETRY_AFTER, "required": True}},
     },
     500: {
@@ -82,7 +85,8 @@ _ERRORS: dict[int, dict[str, Any]] = {
         "a misconfigured service (`configuration_error`)."
     },
     503: {
-        "description": "Postgres is unavailable (`service_unavailable`); retry shortly.",
+        "description": "Postgres is unavailable, or too many large bodies are being read "
+        "at once (`service_unavailable`); retry after Retry-After.",
         "headers": {"Retry-After": _RETRY_AFTER},
     },
 }
