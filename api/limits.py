@@ -1,13 +1,14 @@
 """What one request may cost: body size, large bodies at once, and the per-tenant limits.
 
 Body limits are pure ASGI and run after authentication (api/auth.py), so a caller without a
-valid key never has its body read. A body over CHATJOBS_LARGE_BODY_BYTES costs about six times
-its size while FastAPI parses it and the job is stored (a 9.9 MiB body took ~60 MB and 0.5 s),
-so at most CHATJOBS_MAX_LARGE_BODIES of them are read at once per process. The others wait,
-unread: uvicorn stops reading a socket once 64 KiB are buffered, so a waiting body costs that
-much, not its size. A body still waiting after CHATJOBS_LARGE_BODY_WAIT_SECONDS gets a 503
-with Retry-After: the service is busy, not the client over a quota of its own (a 429 would
-say the client is), and well-behaved clients retry a 503 the same way.
+valid key never has its body read. A body over CHATJOBS_LARGE_BODY_BYTES costs about eight
+times its size while it is parsed, stored and answered (a 9.9 MiB body ~80 MB, measured with
+bench/big_bodies.py), so at most CHATJOBS_MAX_LARGE_BODIES of them are read at once per
+process. The others wait, unread: uvicorn stops reading a socket once 64 KiB are buffered, so
+a waiting body costs that much, not its size. A body still waiting after
+CHATJOBS_LARGE_BODY_WAIT_SECONDS gets a 503 with Retry-After: the service is busy, not the
+client over a quota of its own (a 429 would say the client is), and clients retry a 503 the
+same way.
 
 The per-tenant limits live in Redis so that every API process shares them: submissions per
 second (GCRA, one script call per submission), open event streams (leases that expire, so a
@@ -19,6 +20,8 @@ Postgres at most once a second per tenant and process). All fail open: Redis car
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -67,6 +70,7 @@ class BodySizeLimit:
         self.max_large = max_large
         self.wait_seconds = wait_seconds
         self._slots: asyncio.Semaphore | None = None
+        _return_large_blocks_to_the_os()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -142,6 +146,22 @@ class BodySizeLimit:
             f"request body exceeds {self.max_bytes} bytes (CHATJOBS_MAX_BODY_BYTES)",
             [(b"connection", b"close")],
         )
+
+
+def _return_large_blocks_to_the_os() -> None:
+    """Serve every allocation over 128 KiB by mmap, so freeing it gives the memory back.
+
+    glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB), so after
+    the first large body the next ones' 10 MB strings come from the per-thread heaps, which
+    keep them: the process grew with every thread that ever parsed a large body. Measured
+    with bench/big_bodies.py, peak RSS from a 175 MB baseline, 9.9 MiB bodies: 8 at once,
+    648-735 MB -> 494 MB; 16 at once, 833 MB -> 633 MB.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
 async def _send_json(
