@@ -140,12 +140,12 @@ class JobCreate(BaseModel):
     webhook_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = None
     metadata: dict[str, Any] | None = None
     long_context: LongContext | None = None
-    priority: Annotated[int, Field(ge=-100, le=100)] = 0
+    priority: Annotated[int, Field(ge=-100, le=100, strict=True)] = 0
     deadline: Annotated[
         datetime | None,
         Field(description="with a timezone; in the future, at most 365 days ahead"),
     ] = None
-    max_attempts: Annotated[int, Field(ge=1, le=100)] | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100, strict=True)] | None = None
 
     @model_validator(mode="before")
     @classmethod

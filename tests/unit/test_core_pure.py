@@ -70,3 +70,15 @@ def test_retention_durations(text: str, expected: timedelta) -> None:
 def test_bad_retention_durations_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         _duration(text)
+
+
+@pytest.mark.parametrize("field", ["priority", "max_attempts"])
+@pytest.mark.parametrize("value", [True, "5", 5.5])
+def test_small_integer_fields_are_strict(field: str, value: object) -> None:
+    from pydantic import ValidationError
+
+    from chatjobs.schemas import JobCreate
+
+    body = {"request": {"messages": [{"role": "user", "content": "x"}]}, field: value}
+    with pytest.raises(ValidationError):
+        JobCreate.model_validate(body)
