@@ -14,6 +14,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from chatjobs.settings import get_settings
 from chatjobs.testing import python_cli
 from tests.conftest import MiniStack, new_key
 
@@ -141,10 +142,21 @@ def test_tenants_set_and_list_show_own_limits_and_defaults(stack_env: dict[str, 
         assert listed.returncode == 0, listed.stderr
         return next(ln.split() for ln in listed.stdout.splitlines() if ln.startswith(name))
 
+    def default(limit: int) -> str:
+        return f"{limit or 'none'}*"
+
     # name, keys, submit_rps, max_queued, max_streams, max_calls_per_job; * marks defaults.
-    assert row() == [name, "1", "7", "100000*", "none", "100*"]
+    settings = get_settings()
+    assert row() == [
+        name,
+        "1",
+        "7",
+        default(settings.tenant_max_queued),
+        "none",
+        default(settings.tenant_max_calls_per_job),
+    ]
     assert cli(stack_env, "tenants", "set", name, "--submit-rps", "default").returncode == 0
-    assert row()[2] == "200*"
+    assert row()[2] == default(settings.tenant_submit_rps)
     unknown = cli(stack_env, "tenants", "set", "no-such-tenant", "--max-queued", "5")
     assert unknown.returncode != 0 and "no tenant 'no-such-tenant'" in unknown.stderr
     bad = cli(stack_env, "tenants", "set", name, "--max-queued", "-1")
