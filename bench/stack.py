@@ -126,6 +126,10 @@ def running_stack(
         "CHATJOBS_REDIS_URL": redis_url,
         "CHATJOBS_QUEUE_NAME": f"chatjobs-bench-{uuid.uuid4().hex[:6]}",
         "CHATJOBS_UPSTREAM_BASE_URL": f"http://127.0.0.1:{sim_port}/v1",
+        # A benchmark drives one tenant as hard as it can: the per-tenant submission and
+        # queue limits (defaults 200/s, 100,000 queued) would measure the limit instead.
+        "CHATJOBS_TENANT_SUBMIT_RPS": "0",
+        "CHATJOBS_TENANT_MAX_QUEUED": "0",
         **(env or {}),
     }
     procs: list[Proc] = []

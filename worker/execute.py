@@ -66,12 +66,15 @@ def run_job(job_id: uuid.UUID) -> str:
 
 def _plan(claim: jobs.Claim) -> jobs.Planned:
     """Plan a job too large to plan in the API: count, then fit, truncate, chunk or fail."""
-    request, options = _with_db_retry(
+    request, options, max_calls = _with_db_retry(
         lambda session: jobs.load_for_plan(session=session, claim=claim)
     )
     try:
         made: Plan | ContextTooLong = longcontext.plan(
-            request, claim.model, LongContext.model_validate(_strategy_options(options))
+            request,
+            claim.model,
+            LongContext.model_validate(_strategy_options(options)),
+            max_calls=max_calls,
         )
     except ContextTooLong as exc:
         made = exc

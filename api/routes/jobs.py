@@ -35,7 +35,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 )
 def create_job(
     body: JobCreate,
-    tenant_id: TenantDep,
+    caller: CallerDep,
     response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobRead:
@@ -46,7 +46,11 @@ def create_job(
     """
     with session_scope() as session:
         done = jobs.create_job(
-            session=session, tenant_id=tenant_id, body=body, idempotency_key=idempotency_key
+            session=session,
+            tenant_id=caller.tenant_id,
+            body=body,
+            idempotency_key=idempotency_key,
+            max_calls=caller.limits.max_calls_per_job,
         )
         read = JobRead.from_job(done.job)
     if not done.created:

@@ -20,11 +20,11 @@ from sqlalchemy import case, cast, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, load_only
 
-from chatjobs.errors import ContextTooLong, UpstreamError
+from chatjobs.errors import ContextTooLong, TooManyUpstreamCalls, UpstreamError
 from chatjobs.jobs import steps
 from chatjobs.jobs._state import PENDING, transition
 from chatjobs.longcontext import Plan
-from chatjobs.models import Job, JobStatus, UpstreamCall
+from chatjobs.models import Job, JobStatus, Tenant, UpstreamCall
 from chatjobs.settings import get_settings
 from chatjobs.storable import storable
 from chatjobs.upstream import clean_usage
@@ -156,10 +156,17 @@ def defer_job(*, session: Session, claim: Claim, delay: float) -> bool:
 # --- planning a long input, for jobs too large to plan in the API -------------------------
 
 
-def load_for_plan(*, session: Session, claim: Claim) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The submitted request and the job's long-context options."""
-    row = session.execute(select(Job.request, Job.long_context).where(Job.id == claim.job_id)).one()
-    return row.request, row.long_context or {}
+def load_for_plan(
+    *, session: Session, claim: Claim
+) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """The submitted request, the job's long-context options, and its tenant's limit on map
+    calls (None: the default)."""
+    row = session.execute(
+        select(Job.request, Job.long_context, Tenant.max_calls_per_job)
+        .join(Tenant, Tenant.id == Job.tenant_id)
+        .where(Job.id == claim.job_id)
+    ).one()
+    return row.request, row.long_context or {}, row.max_calls_per_job
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,16 @@ def apply_plan(
     """Store what the worker planned: the job fails (``error`` strategy, or nothing fits), runs
     as it is or truncated in this same claim, or waits, running without a lease, on steps."""
     if isinstance(plan, ContextTooLong):
+        kind = (
+            "too_many_upstream_calls"
+            if isinstance(plan, TooManyUpstreamCalls)
+            else "context_length_exceeded"
+        )
         failed = transition(
             session,
             _fence(claim),
             JobStatus.failed,
-            error={"type": "context_length_exceeded", "message": str(plan)},
+            error={"type": kind, "message": str(plan)},
             needs_plan=False,
         )
         return Planned(None, [], "failed" if failed else "stale")

@@ -54,7 +54,12 @@ def _replay(session: Session, tenant_id: uuid.UUID, key: str, request_hash: str)
 
 
 def create_job(
-    *, session: Session, tenant_id: uuid.UUID, body: JobCreate, idempotency_key: str | None = None
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    body: JobCreate,
+    idempotency_key: str | None = None,
+    max_calls: int | None = None,
 ) -> Created:
     """Insert the job, planned as far as is cheap here.
 
@@ -63,6 +68,7 @@ def create_job(
     A body that surely fits its model's window is not tokenised at all; one that may not and
     is small is planned now (the ``error`` strategy answers 422, ``map_reduce`` inserts the
     parent running with its map steps); a large one is planned by the worker that claims it.
+    ``max_calls`` is the tenant's limit on map calls (None: the default; 0: none).
     """
     settings = get_settings()
     request_hash = _request_hash(body)
@@ -71,7 +77,9 @@ def create_job(
         if replay is not None:
             return replay
     model = body.request.model or settings.default_model
-    plan = longcontext.plan_at_submit(body.request.raw, model, body.long_context)
+    plan = longcontext.plan_at_submit(
+        body.request.raw, model, body.long_context, max_calls=max_calls
+    )
     deadline = body.deadline or (
         datetime.now().astimezone() + timedelta(seconds=settings.job_deadline_seconds)
     )

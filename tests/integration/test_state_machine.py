@@ -442,3 +442,29 @@ def test_steps_finishing_while_sweeps_run_never_deadlock(tenant: uuid.UUID) -> N
     for parent_id, ids in doomed:
         assert row(parent_id).status == JobStatus.expired
         assert {row(s).status for s in ids} <= {JobStatus.expired, JobStatus.cancelled}
+
+
+def test_the_worker_plans_with_its_tenants_own_limit_on_map_calls(tenant: uuid.UUID) -> None:
+    from chatjobs import longcontext
+    from chatjobs.errors import TooManyUpstreamCalls
+    from chatjobs.models import Tenant
+
+    with session_scope() as session:
+        session.execute(update(Tenant).where(Tenant.id == tenant).values(max_calls_per_job=2))
+    job_id = submit(tenant)
+    c = claim(job_id)
+    assert c is not None
+    with session_scope() as session:
+        request, options, max_calls = jobs.load_for_plan(session=session, claim=c)
+    assert max_calls == 2
+    with pytest.raises(TooManyUpstreamCalls) as raised:
+        longcontext.plan(
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": "word " * 400_000}]},
+            "gpt-4o",
+            None,
+            max_calls=max_calls,
+        )
+    with session_scope() as session:
+        planned = jobs.apply_plan(session=session, claim=c, plan=raised.value, options=options)
+    assert planned.outcome == "failed"
+    assert (row(job_id).error or {})["type"] == "too_many_upstream_calls"
