@@ -455,7 +455,7 @@ def test_the_worker_plans_with_its_tenants_own_limit_on_map_calls(tenant: uuid.U
     c = claim(job_id)
     assert c is not None
     with session_scope() as session:
-        request, options, max_calls = jobs.load_for_plan(session=session, claim=c)
+        _, options, max_calls = jobs.load_for_plan(session=session, claim=c)
     assert max_calls == 2
     with pytest.raises(TooManyUpstreamCalls) as raised:
         longcontext.plan(
