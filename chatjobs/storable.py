@@ -182,6 +182,10 @@ def _surely_clean(value: Any, max_depth: int) -> bool:
         return False
     if b"\\u0000" in data and _NUL_ESCAPE.search(data):
         return False
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        # No more openings than levels allowed, strings included: it cannot nest too deep.
+        # Spares the string-stripping regex below on a large body of text (0.5 s / 10 MiB).
+        return True
     brackets = _JSON_STRING.sub(b"", data).translate(_PARENS, _NOT_BRACKETS)
     # Each pass removes the innermost pairs, one level: most values are gone in a few. What
     # remains is measured in one pass (+1 per open, -1 per close; its deepest prefix).
