@@ -253,8 +253,9 @@ def test_cursor_pagination_walks_every_job_once(client: httpx.Client) -> None:
 
 
 def test_status_filter_and_its_validation(client: httpx.Client) -> None:
-    job = submit(client, {"messages": MESSAGES}).json()
-    client.post(f"/v1/jobs/{job['id']}/cancel")
+    # Slow at the simulator, so a worker of the session cannot finish it before the cancel.
+    job = submit(client, {"messages": MESSAGES, "x_sim": {"latency": 5}}).json()
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     cancelled = client.get("/v1/jobs", params={"status": "cancelled"}).json()["data"]
     assert [j["id"] for j in cancelled] == [job["id"]]
     assert client.get("/v1/jobs", params={"status": "nope"}).status_code == 422
