@@ -6,32 +6,20 @@ import threading
 from typing import Any
 
 from celery.schedules import crontab
-from celery.signals import worker_init, worker_process_init, worker_ready
+from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
 
 from chatjobs import longcontext
 from chatjobs.db import reset_engine
 from chatjobs.queue import make_celery
-from chatjobs.settings import get_settings
 from worker.runtime import set_pool_slots
 
 app = make_celery()
 app.conf.include = ["worker.tasks"]
-# Beat only drives short periodic ticks whose state lives in Postgres; an in-memory schedule
-# avoids a schedule file that two beats on one host would fight over.
+# Beat drives the daily retention task and, on threads of its own, the dispatcher and
+# reconciler; an in-memory schedule avoids a schedule file two beats on one host would fight
+# over.
 app.conf.beat_scheduler = "celery.beat:Scheduler"
-_settings = get_settings()
 app.conf.beat_schedule = {
-    "dispatch-due": {
-        "task": "chatjobs.dispatch_due",
-        "schedule": _settings.dispatch_interval_seconds,
-        # A tick that waits in the queue longer than a few intervals is already superseded.
-        "options": {"expires": max(1.0, _settings.dispatch_interval_seconds * 5)},
-    },
-    "reconcile": {
-        "task": "chatjobs.reconcile",
-        "schedule": _settings.reconcile_interval_seconds,
-        "options": {"expires": max(1.0, _settings.reconcile_interval_seconds * 2)},
-    },
     # Retention, daily at a quiet hour (UTC); `chatjobs prune` does the same by hand.
     "prune": {
         "task": "chatjobs.prune",
@@ -39,6 +27,14 @@ app.conf.beat_schedule = {
         "options": {"expires": 3600},
     },
 }
+
+
+@beat_init.connect
+def _start_clock(**_: Any) -> None:
+    # The dispatcher and reconciler tick inside the beat process (worker/clock.py says why).
+    from worker import clock
+
+    clock.start()
 
 
 @worker_init.connect
