@@ -146,15 +146,29 @@ def _usage_of_steps(session: Session, parent_id: uuid.UUID) -> dict[str, int]:
     return {"prompt_tokens": row[0], "completion_tokens": row[1], "total_tokens": row[2]}
 
 
-def end_parent(session: Session, parent_id: uuid.UUID, to: JobStatus, **values: Any) -> bool:
-    """End a running parent (its lock held) with its steps' usage; its other steps end too."""
+def end_parent(
+    session: Session,
+    parent_id: uuid.UUID,
+    to: JobStatus,
+    *,
+    result: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """End a running parent (its lock held) with its steps' usage (also the ``usage`` of its
+    ``result``); its unfinished steps are cancelled."""
+    usage = _usage_of_steps(session, parent_id)
+    values: dict[str, Any] = dict(usage)
+    if result is not None:
+        values["result"] = {**result, "usage": usage}
+    if error is not None:
+        values["error"] = error
     ended = transition(
         session, [Job.id == parent_id, Job.status == JobStatus.running], to, **values
     )
     if not ended:
         return False
+    # Ending a step does not change its usage: the sums above stand.
     end_steps(session, [parent_id], JobStatus.cancelled, f"the job ended {to.value}")
-    roll_up_usage(session, [parent_id])
     return True
 
 
@@ -199,10 +213,7 @@ def advance(session: Session, parent_id: uuid.UUID, step: StepEnd) -> list[uuid.
                 Job.parent_id == parent_id, Job.step_level == level, Job.step_index == 0
             )
         )
-        usage = _usage_of_steps(session, parent_id)
-        end_parent(
-            session, parent_id, JobStatus.succeeded, result={**(result or {}), "usage": usage}
-        )
+        end_parent(session, parent_id, JobStatus.succeeded, result=result or {})
         return []
     return _next_reduce(session, parent_id, level, state)
 

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.orm import Session
 
 from chatjobs.db import session_scope
@@ -115,7 +115,6 @@ def recover_lost_leases(session: Session) -> tuple[int, int]:
         .limit(_BATCH)
     ).all()
     failed_steps = 0
-    publish: list[uuid.UUID] = []
     for step_id, parent_id in dead_steps:
         assert parent_id is not None
         parent = session.scalar(
@@ -136,14 +135,8 @@ def recover_lost_leases(session: Session) -> tuple[int, int]:
             end = steps.StepEnd(
                 row.step_kind, row.step_level, row.step_index, JobStatus.failed, row.error
             )
-            publish += steps.advance(session, parent_id, end)
-    if publish:  # nothing new is runnable after a failure today; should it be, make it due
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(publish))
-            .values(next_attempt_at=func.now())
-            .execution_options(synchronize_session=False)
-        )
+            # A failed step fails its parent: nothing becomes runnable to publish.
+            steps.advance(session, parent_id, end)
     return len(requeued), len(failed) + failed_steps
 
 
