@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     ForeignKey,
@@ -121,6 +122,21 @@ class Job(Base):
         ),
         UniqueConstraint("parent_id", "step_level", "step_index", name="uq_jobs_parent_id_step"),
         Index(
+            "uq_jobs_batch_id_custom_id",
+            "batch_id",
+            "custom_id",
+            unique=True,
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_jobs_batch_id_status",
+            "batch_id",
+            "status",
+            postgresql_where=text("batch_id IS NOT NULL"),
+        ),
+        # Batch lines waiting for the dispatcher to release them, oldest first.
+        Index("ix_jobs_held", "queue", "priority", "id", postgresql_where=text("held")),
+        Index(
             "ix_jobs_deadline",
             "deadline",
             postgresql_where=text("status IN ('queued', 'retrying', 'running')"),
@@ -158,7 +174,11 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=6)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # A line of a batch: the batch, the line's custom_id, and held until the dispatcher
+    # releases it (a 50,000-line batch must not put 50,000 messages ahead of a later job).
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    custom_id: Mapped[str | None] = mapped_column(Text)
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     schedule_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
     deadline: Mapped[datetime | None] = mapped_column(_tz)
@@ -211,6 +231,106 @@ class UpstreamCall(Base):
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
 
 
+class StoredFile(Base):
+    """A file of the OpenAI Files API: an uploaded batch input (its bytes in the file store),
+    or a batch's output or error file (its lines read from the batch's jobs, never copied)."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_files_tenant_idempotency_key"),
+        Index("ix_files_tenant_id_id", "tenant_id", "id"),
+        Index("ix_files_expires_at", "expires_at"),
+    )
+
+    # "file-" and a UUIDv7's hex: ids sort by creation for cursor pagination.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(Text)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    # Where the content is: "postgres" (a large object, ``location`` its oid), "directory"
+    # (``location`` a path under the files directory), or "batch" (the lines of ``batch_id``
+    # of ``kind`` output or error).
+    storage: Mapped[str] = mapped_column(String(16))
+    location: Mapped[str | None] = mapped_column(Text)
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str | None] = mapped_column(String(16))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(_tz)
+
+
+class Batch(Base):
+    """An OpenAI-compatible batch: every line of its input file is a job carrying its id.
+
+    The request counts, output sizes and usage are kept up to date by the transaction that
+    ends each line (chatjobs.batches.progress), so reading a batch is one row, and the batch
+    ends in the same transaction as its last line.
+    """
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_batches_tenant_idempotency_key"),
+        Index("ix_batches_tenant_id_id", "tenant_id", "id"),
+        Index(
+            "ix_batches_open",
+            "status",
+            postgresql_where=text("status IN ('validating', 'in_progress', 'cancelling')"),
+        ),
+        Index("ix_batches_finished_at", "finished_at"),
+    )
+
+    # "batch_" and a UUIDv7's hex.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    output_expires_seconds: Mapped[int | None] = mapped_column(Integer)
+    model: Mapped[str | None] = mapped_column(String(200))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", _json)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    errors: Mapped[list[Any] | None] = mapped_column(_json)
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    retry_of: Mapped[str | None] = mapped_column(String(64))
+
+    request_total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_completed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_expired: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_cancelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    output_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    error_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    total_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    # Validation is claimed like a job: whoever validates holds this lease, and a batch
+    # whose validator died is validated again by the reconciler.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    in_progress_at: Mapped[datetime | None] = mapped_column(_tz)
+    expires_at: Mapped[datetime] = mapped_column(_tz)
+    finalizing_at: Mapped[datetime | None] = mapped_column(_tz)
+    completed_at: Mapped[datetime | None] = mapped_column(_tz)
+    failed_at: Mapped[datetime | None] = mapped_column(_tz)
+    expired_at: Mapped[datetime | None] = mapped_column(_tz)
+    cancelling_at: Mapped[datetime | None] = mapped_column(_tz)
+    cancelled_at: Mapped[datetime | None] = mapped_column(_tz)
+    # When it reached a final status (completed, failed, expired, cancelled): retention.
+    finished_at: Mapped[datetime | None] = mapped_column(_tz)
+
+
 class WebhookSecret(Base):
     """A tenant's signing secret; several are active during a rotation window."""
 
@@ -241,6 +361,9 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint("job_id", "event_type", name="uq_webhook_deliveries_job_event"),
+        UniqueConstraint("batch_id", "event_type", name="uq_webhook_deliveries_batch_event"),
+        # An event is about one job or one batch.
+        CheckConstraint("(job_id IS NULL) <> (batch_id IS NULL)", name="job_or_batch"),
         Index(
             "ix_webhook_deliveries_due",
             "next_attempt_at",
@@ -256,7 +379,10 @@ class WebhookDelivery(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     event_type: Mapped[str] = mapped_column(String(40))
     queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     msg_id: Mapped[str] = mapped_column(String(64), unique=True)

@@ -74,6 +74,28 @@ class Settings(BaseSettings):
     # Finished jobs (with their steps, calls and webhook deliveries) are deleted after this.
     retention_days: float = Field(30.0, gt=0)
 
+    # Files (OpenAI Files API): uploads go to Postgres large objects ("postgres": one
+    # database to back up, readable from every host) or to files under files_dir
+    # ("directory": for uploads too large to want in the database; share the directory
+    # between API and worker hosts).
+    file_storage: str = "postgres"
+    files_dir: Path = Path(".run/files")
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    file_expiry_seconds: int = Field(30 * 86400, ge=3600)
+    # Batches: lines per input file, and how many batch lines may wait in the broker at once
+    # (the dispatcher releases more as workers take them, so a later job never waits behind
+    # a whole batch).
+    batch_max_lines: int = Field(50_000, ge=1)
+    batch_release_window: int = Field(64, ge=1)
+    batch_output_expiry_seconds: int = Field(30 * 86400, ge=3600)
+
+    @field_validator("file_storage")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if value not in {"postgres", "directory"}:
+            raise ValueError("CHATJOBS_FILE_STORAGE must be postgres or directory")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _use_psycopg3(cls, value: str) -> str:
