@@ -129,6 +129,12 @@ class Job(Base):
             postgresql_where=text("batch_id IS NOT NULL"),
         ),
         Index(
+            "ix_jobs_batch_id_batch_seq",
+            "batch_id",
+            "batch_seq",
+            postgresql_where=text("batch_seq IS NOT NULL"),
+        ),
+        Index(
             "ix_jobs_batch_id_status",
             "batch_id",
             "status",
@@ -179,6 +185,9 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(String(64))
     custom_id: Mapped[str | None] = mapped_column(Text)
     held: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # The order in which the batch's lines ended (1, 2, ...), given under the batch's row lock
+    # so it is commit order: the cursor of GET /v1/batches/{id}/results.
+    batch_seq: Mapped[int | None] = mapped_column(Integer)
     schedule_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
     deadline: Mapped[datetime | None] = mapped_column(_tz)

@@ -116,7 +116,14 @@ def upgrade() -> None:
 
     op.add_column("jobs", sa.Column("custom_id", sa.Text()))
     op.add_column("jobs", sa.Column("held", sa.Boolean(), server_default="false", nullable=False))
+    op.add_column("jobs", sa.Column("batch_seq", sa.Integer()))
     op.drop_index("ix_jobs_batch_id", table_name="jobs")
+    op.create_index(
+        "ix_jobs_batch_id_batch_seq",
+        "jobs",
+        ["batch_id", "batch_seq"],
+        postgresql_where=sa.text("batch_seq IS NOT NULL"),
+    )
     op.create_index(
         "uq_jobs_batch_id_custom_id",
         "jobs",
@@ -163,8 +170,10 @@ def downgrade() -> None:
     op.alter_column("webhook_deliveries", "job_id", nullable=False)
     op.drop_index("ix_jobs_held", table_name="jobs")
     op.drop_index("ix_jobs_batch_id_status", table_name="jobs")
+    op.drop_index("ix_jobs_batch_id_batch_seq", table_name="jobs")
     op.drop_index("uq_jobs_batch_id_custom_id", table_name="jobs")
     op.create_index("ix_jobs_batch_id", "jobs", ["batch_id"])
+    op.drop_column("jobs", "batch_seq")
     op.drop_column("jobs", "held")
     op.drop_column("jobs", "custom_id")
     op.drop_table("batches")
