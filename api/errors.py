@@ -20,6 +20,7 @@ from chatjobs.errors import (
     ConfigurationError,
     Conflict,
     ContextTooLong,
+    InvalidRequest,
     LimitExceeded,
     NotFound,
     TooManyUpstreamCalls,
@@ -29,6 +30,7 @@ from chatjobs.storable import clean_text
 log = logging.getLogger("chatjobs.api")
 
 _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
+    (InvalidRequest, 400, "invalid_request_error"),
     (NotFound, 404, "not_found"),
     (Conflict, 409, "conflict"),
     (AuthenticationFailed, 401, "authentication_error"),
@@ -103,8 +105,9 @@ def _chatjobs_error(request: Request, exc: Exception) -> JSONResponse:
             headers = {"www-authenticate": "Bearer"} if status == 401 else None
             if isinstance(exc, LimitExceeded):
                 headers = _limit_headers(exc)
+            extra = {"param": exc.param} if isinstance(exc, InvalidRequest) else {}
             return JSONResponse(
-                status_code=status, content=error_body(type_, str(exc)), headers=headers
+                status_code=status, content=error_body(type_, str(exc), **extra), headers=headers
             )
     return _unexpected(request, exc)
 

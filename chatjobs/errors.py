@@ -15,6 +15,14 @@ _E = TypeVar("_E", bound=ChatJobsError)
 # --- the caller asked for something that cannot be done -------------------------------
 
 
+class InvalidRequest(ChatJobsError):
+    """The request is well-formed but names something it may not (400, naming ``param``)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class NotFound(ChatJobsError):
     """The object does not exist, or belongs to another tenant."""
 
