@@ -20,7 +20,15 @@ class InvalidRequest(ChatJobsError):
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.__dict__))
+
+
+class FileTooLarge(InvalidRequest):
+    """An uploaded file is larger than CHATJOBS_MAX_UPLOAD_BYTES."""
 
 
 class NotFound(ChatJobsError):
@@ -73,22 +81,6 @@ class WebhookUrlDisabled(Conflict):
 
 class AmbiguousKeyPrefix(Conflict):
     """More than one API key has that prefix; name the key by a longer one."""
-
-
-class InvalidRequest(ChatJobsError):
-    """The request breaks a rule its schema cannot state; ``param`` names the field at fault."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self.__dict__))
-
-
-class FileTooLarge(InvalidRequest):
-    """An uploaded file is larger than CHATJOBS_MAX_UPLOAD_BYTES."""
 
 
 class ContextTooLong(ChatJobsError):
