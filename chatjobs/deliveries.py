@@ -1,8 +1,9 @@
 """Webhook deliveries: the only writer of delivery state, and the tenants' signing secrets.
 
-A job that ends (succeeded, failed, cancelled, expired) with a webhook_url gets one delivery
-row in the same transaction, so an event is never lost. The dispatcher publishes due
-deliveries; each attempt is fenced like a job claim and logged.
+A job or a batch that ends with a webhook_url gets one delivery row in the same transaction,
+so an event is never lost; a delivery is about one of them (``job_id`` or ``batch_id``, the
+other NULL). The dispatcher publishes due deliveries; each attempt is fenced like a job claim
+and logged.
 
 A receiver that answers 410 disables its URL for the tenant (``webhook_disabled_urls``): the
 deliveries waiting for it end ``gone``, later events to it are recorded ``gone`` and never
@@ -15,10 +16,11 @@ import hashlib
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import (
     ColumnElement,
+    SQLColumnExpression,
     Text,
     and_,
     case,
@@ -41,6 +43,7 @@ from chatjobs.errors import (
     WebhookUrlDisabled,
 )
 from chatjobs.models import (
+    Batch,
     DeliveryStatus,
     Job,
     WebhookAttempt,
@@ -53,6 +56,7 @@ from chatjobs.webhooks import DeliveryResult, new_secret
 
 _DISABLED = "not sent: this URL answered 410 and is disabled (POST /v1/webhooks/enable)"
 _STATUS_TYPE = WebhookDelivery.__table__.c.status.type
+BATCH_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.expired", "batch.cancelled"})
 
 
 def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str) -> None:
@@ -60,7 +64,51 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
 
     An event for a URL the tenant has disabled is recorded ``gone`` and never published.
     """
-    ids = list(job_ids)
+    _queue(
+        session,
+        Job,
+        list(job_ids),
+        event_type,
+        key="job_id",
+        queue=Job.queue,
+        constraint="uq_webhook_deliveries_job_event",
+    )
+
+
+def queue_batch_event(session: Session, batch_ids: Iterable[str], event_type: str) -> None:
+    """Record one delivery per batch that asked for a webhook; the same event only once.
+
+    Called in the transaction that ends the batch, with one of ``BATCH_EVENTS``. The worker
+    sends OpenAI's event shape (``{"id": "evt_...", "object": "event", "type", "created_at",
+    "data": {"id": batch_id}}``). A disabled URL is recorded ``gone``, as for jobs.
+    """
+    if event_type not in BATCH_EVENTS:
+        raise ValueError(f"unknown batch event {event_type!r}")
+    _queue(
+        session,
+        Batch,
+        list(batch_ids),
+        event_type,
+        key="batch_id",
+        # A batch has no queue of its own: every process of a deployment, whichever ends
+        # the batch, serves one queue, and that deployment's dispatcher publishes it.
+        queue=literal(get_settings().queue_name),
+        constraint="uq_webhook_deliveries_batch_event",
+    )
+
+
+def _queue(
+    session: Session,
+    subject: type[Job] | type[Batch],
+    ids: list[uuid.UUID] | list[str],
+    event_type: str,
+    *,
+    key: str,
+    queue: SQLColumnExpression[str],
+    constraint: str,
+) -> None:
+    # One INSERT ... SELECT for jobs and batches: ``key`` is the delivery column that holds
+    # the subject's id, ``constraint`` makes the event idempotent per subject.
     if not ids:
         return
     disabled = WebhookDisabledUrl.url.is_not(None)
@@ -70,12 +118,12 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
             # INSERT ... SELECT. Deliveries are ordered by created_at, never paged by id.
             func.gen_random_uuid(),
             literal(0),
-            Job.tenant_id,
-            Job.id,
-            Job.queue,
+            subject.tenant_id,
+            subject.id,
+            queue,
             literal(event_type),
             func.concat("msg_", func.replace(cast(func.gen_random_uuid(), Text), "-", "")),
-            Job.webhook_url,
+            subject.webhook_url,
             case((disabled, None), else_=func.now()),
             cast(
                 case((disabled, DeliveryStatus.gone.value), else_=DeliveryStatus.pending.value),
@@ -86,19 +134,19 @@ def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str
         .outerjoin(
             WebhookDisabledUrl,
             and_(
-                WebhookDisabledUrl.tenant_id == Job.tenant_id,
-                WebhookDisabledUrl.url == Job.webhook_url,
+                WebhookDisabledUrl.tenant_id == subject.tenant_id,
+                WebhookDisabledUrl.url == subject.webhook_url,
             ),
         )
-        .where(Job.id.in_(ids), Job.webhook_url.is_not(None))
+        .where(subject.id.in_(ids), subject.webhook_url.is_not(None))
     )
-    columns = ["id", "attempts", "tenant_id", "job_id", "queue", "event_type", "msg_id", "url"]
+    columns = ["id", "attempts", "tenant_id", key, "queue", "event_type", "msg_id", "url"]
     session.execute(
         insert(WebhookDelivery)
         .from_select(
             [*columns, "next_attempt_at", "status", "last_error"], rows, include_defaults=False
         )
-        .on_conflict_do_nothing(constraint="uq_webhook_deliveries_job_event")
+        .on_conflict_do_nothing(constraint=constraint)
     )
 
 
@@ -123,14 +171,19 @@ def take_due(session: Session, limit: int = 1000) -> list[uuid.UUID]:
 
 @dataclass(frozen=True)
 class Claimed:
+    """A delivery taken for one attempt: about a job or (job_id None) about a batch."""
+
     id: uuid.UUID
     tenant_id: uuid.UUID
-    job_id: uuid.UUID
+    job_id: uuid.UUID | None
+    batch_id: str | None
     event_type: str
     msg_id: str
     url: str
     payload: str | None
     attempts: int
+    # When the event was recorded: in the transaction that ended its job or batch.
+    created_at: datetime
 
 
 def skip_if_disabled(session: Session, delivery_id: uuid.UUID) -> bool:
@@ -175,11 +228,13 @@ def claim(session: Session, delivery_id: uuid.UUID) -> Claimed | None:
             WebhookDelivery.id,
             WebhookDelivery.tenant_id,
             WebhookDelivery.job_id,
+            WebhookDelivery.batch_id,
             WebhookDelivery.event_type,
             WebhookDelivery.msg_id,
             WebhookDelivery.url,
             WebhookDelivery.payload,
             WebhookDelivery.attempts,
+            WebhookDelivery.created_at,
         )
     ).one_or_none()
     if row is None:

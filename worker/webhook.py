@@ -1,4 +1,9 @@
-"""One webhook delivery attempt: claim, fix the body, sign, POST to the checked address, log."""
+"""One webhook delivery attempt: claim, fix the body, sign, POST to the checked address, log.
+
+A job's event carries the job as ``GET /v1/jobs/{id}`` shows it; a batch's event is OpenAI's
+(``batch.completed`` and the others), so the official SDK's ``webhooks.unwrap`` verifies and
+parses it.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import time
 import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 
 import httpx
+from sqlalchemy.orm import Session
 
 from chatjobs import deliveries, jobs, ssrf, webhooks
 from chatjobs.db import session_scope
@@ -47,15 +54,7 @@ def deliver(delivery_id: uuid.UUID) -> str:
             return "skipped"
         payload = claimed.payload
         if payload is None:
-            job = jobs.get_job(session=session, tenant_id=claimed.tenant_id, job_id=claimed.job_id)
-            payload = json.dumps(
-                {
-                    "type": claimed.event_type,
-                    "timestamp": datetime.now(UTC).isoformat(),
-                    "data": JobRead.from_job(job).model_dump(mode="json"),
-                },
-                separators=(",", ":"),
-            )
+            payload = _payload(session, claimed)
             deliveries.store_payload(session, claimed.id, payload)
         secrets = [s.secret for s in deliveries.active_secrets(session, claimed.tenant_id)]
     body = payload.encode()
@@ -73,9 +72,9 @@ def deliver(delivery_id: uuid.UUID) -> str:
     level = logging.WARNING if status == DeliveryStatus.blocked else logging.INFO
     log.log(
         level,
-        "webhook delivery=%s job=%s event=%s attempt=%d status=%s http=%s latency_ms=%d error=%s",
+        "webhook delivery=%s %s event=%s attempt=%d status=%s http=%s latency_ms=%d error=%s",
         claimed.id,
-        claimed.job_id,
+        f"batch={claimed.batch_id}" if claimed.batch_id is not None else f"job={claimed.job_id}",
         claimed.event_type,
         claimed.attempts,
         status.value,
@@ -84,3 +83,44 @@ def deliver(delivery_id: uuid.UUID) -> str:
         result.error,
     )
     return status.value
+
+
+def _payload(session: Session, claimed: deliveries.Claimed) -> str:
+    """The body of a delivery's first attempt (stored: retries resend the same bytes)."""
+    if claimed.batch_id is not None:
+        # One event per delivery, dated when it was recorded: when the batch ended.
+        return batch_event(
+            claimed.event_type,
+            claimed.batch_id,
+            event_id=f"evt_{claimed.id.hex}",
+            created_at=claimed.created_at,
+        )
+    assert claimed.job_id is not None  # a delivery is about a job or a batch
+    job = jobs.get_job(session=session, tenant_id=claimed.tenant_id, job_id=claimed.job_id)
+    return _compact(
+        {
+            "type": claimed.event_type,
+            "timestamp": datetime.now(UTC).isoformat(),
+            "data": JobRead.from_job(job).model_dump(mode="json"),
+        }
+    )
+
+
+def batch_event(event_type: str, batch_id: str, *, event_id: str, created_at: datetime) -> str:
+    """OpenAI's webhook event about a batch, as ``openai.OpenAI().webhooks.unwrap`` parses it.
+
+    Only the batch id is sent, as OpenAI does: the receiver fetches the batch.
+    """
+    return _compact(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": event_type,
+            "created_at": int(created_at.timestamp()),
+            "data": {"id": batch_id},
+        }
+    )
+
+
+def _compact(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))

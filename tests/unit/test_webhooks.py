@@ -1,4 +1,5 @@
-"""Webhook signing (checked with the standardwebhooks library) and delivery over real HTTP."""
+"""Webhook signing (checked with the standardwebhooks library and the openai SDK), batch
+events in OpenAI's shape, and delivery over real HTTP."""
 
 from __future__ import annotations
 
@@ -17,9 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from openai.types.webhooks import (
+    BatchCancelledWebhookEvent,
+    BatchCompletedWebhookEvent,
+    BatchExpiredWebhookEvent,
+    BatchFailedWebhookEvent,
+)
 from standardwebhooks import Webhook, WebhookVerificationError
 
+from chatjobs.deliveries import BATCH_EVENTS
 from chatjobs.ssrf import parse_allowlist
 from chatjobs.testing import free_port
 from chatjobs.webhooks import (
@@ -31,6 +40,7 @@ from chatjobs.webhooks import (
     sign,
     signature_header,
 )
+from worker.webhook import batch_event
 
 SECRET = new_secret()
 OLD_SECRET = new_secret()
@@ -99,6 +109,54 @@ def test_signing_refuses_no_secret_a_bad_secret_and_a_header_breaking_id() -> No
     assert "not base64!" not in str(info.value)
     with pytest.raises(ValueError):
         sign(SECRET, "msg\r\nx-evil: 1", now(), BODY)
+
+
+# --- batch events: OpenAI's shape, so the official SDK verifies and parses them -----------
+
+BATCH_EVENT_MODELS: dict[str, type[Any]] = {
+    "batch.completed": BatchCompletedWebhookEvent,
+    "batch.failed": BatchFailedWebhookEvent,
+    "batch.expired": BatchExpiredWebhookEvent,
+    "batch.cancelled": BatchCancelledWebhookEvent,
+}
+ENDED = datetime.datetime(2026, 11, 30, 12, 0, 0, 750000, tzinfo=datetime.UTC)
+
+
+def openai_webhooks(secret: str) -> Any:
+    return openai.OpenAI(api_key="x", webhook_secret=secret).webhooks
+
+
+def test_a_batch_event_is_openais_event_in_compact_json() -> None:
+    body = batch_event("batch.completed", "batch_1", event_id="evt_ab", created_at=ENDED)
+    assert body == (
+        '{"id":"evt_ab","object":"event","type":"batch.completed",'
+        '"created_at":1796040000,"data":{"id":"batch_1"}}'
+    )
+
+
+def test_every_batch_event_type_is_one_the_openai_sdk_knows() -> None:
+    assert set(BATCH_EVENT_MODELS) == BATCH_EVENTS
+
+
+@pytest.mark.parametrize("event_type", sorted(BATCH_EVENT_MODELS))
+def test_the_openai_sdk_unwraps_a_signed_batch_event_into_its_type(event_type: str) -> None:
+    body = batch_event(event_type, "batch_2", event_id="evt_cd", created_at=ENDED).encode()
+    # Signed during a rotation: the SDK accepts the header if any signature matches.
+    headers = build_headers("msg_b1", now(), body, [OLD_SECRET, SECRET])
+    event = openai_webhooks(SECRET).unwrap(body, headers)
+    assert isinstance(event, BATCH_EVENT_MODELS[event_type])
+    assert (event.id, event.object, event.type) == ("evt_cd", "event", event_type)
+    assert event.created_at == 1796040000 and event.data.id == "batch_2"
+    assert Webhook(SECRET).verify(body, headers) == json.loads(body)
+
+
+def test_the_openai_sdk_refuses_a_tampered_or_foreign_batch_event() -> None:
+    body = batch_event("batch.failed", "batch_3", event_id="evt_ef", created_at=ENDED).encode()
+    headers = build_headers("msg_b2", now(), body, [SECRET])
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        openai_webhooks(SECRET).unwrap(body.replace(b"batch_3", b"batch_4"), headers)
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        openai_webhooks(new_secret()).unwrap(body, headers)
 
 
 # --- a receiver over real HTTP ----------------------------------------------------------
