@@ -15,6 +15,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from chatjobs import deliveries, jobs, longcontext
+from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ContextTooLong, LeaseLost, UpstreamError, is_retryable
 from chatjobs.longcontext import Plan
@@ -331,6 +332,8 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 def dispatch_due() -> int:
     """Publish the jobs and webhook deliveries whose delay is over; rows first, then messages."""
     with session_scope() as session:
+        jobs.release_held(session=session)
+    with session_scope() as session:
         due = jobs.take_due(session=session)
         due_deliveries = deliveries.take_due(session)
     if due:
@@ -345,6 +348,7 @@ def reconcile() -> jobs.Reconciled:
     with session_scope() as session:
         done = jobs.reconcile(session=session)
         deliveries.reconcile(session)
+    batches.sweep()
     if any(vars(done).values()):
         log.info("reconciled: %s", done)
     return done
@@ -353,6 +357,9 @@ def reconcile() -> jobs.Reconciled:
 def prune() -> int:
     """Retention: finished jobs older than CHATJOBS_RETENTION_DAYS go, with all they own."""
     deleted = jobs.prune(older_than=timedelta(days=get_settings().retention_days))
+    gone = batches.prune()
+    if gone:
+        log.info("pruned %d batches past their output expiry", gone)
     if deleted:
         log.info("pruned %d finished jobs", deleted)
     return deleted

@@ -33,7 +33,13 @@ from chatjobs.jobs.attempts import (
     record_outcome,
     renew_leases,
 )
-from chatjobs.jobs.dispatch import consumed, publish, publish_after_commit, take_due
+from chatjobs.jobs.dispatch import (
+    consumed,
+    publish,
+    publish_after_commit,
+    release_held,
+    take_due,
+)
 from chatjobs.jobs.submit import (
     Created,
     cancel_job,
@@ -74,6 +80,7 @@ __all__ = [
     "publish_after_commit",
     "reconcile",
     "record_outcome",
+    "release_held",
     "renew_leases",
     "take_due",
 ]

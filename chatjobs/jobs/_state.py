@@ -2,8 +2,10 @@
 
 ``transition()`` is the only function that writes ``jobs.status``: it sets the timestamps,
 the lease and ``next_attempt_at`` that belong with the new status, queues the webhook event of
-a terminal status in the same transaction, and remembers the live event to publish once the
-transaction commits (never before: a listener must not see a state that was rolled back).
+a terminal status in the same transaction, counts a batch's lines as they end (just before
+the transaction commits: chatjobs.batches.progress), and remembers the live event to publish
+once the transaction commits (never before: a listener must not see a state that was rolled
+back).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ BROKEN = (JobStatus.failed, JobStatus.cancelled, JobStatus.expired)
 TERMINAL = tuple(TERMINAL_STATUSES)
 
 _EVENTS_KEY = "chatjobs.job_events"
+_BATCH_LINES_KEY = "chatjobs.batch_lines_ended"
 
 
 def transition(
@@ -52,7 +55,11 @@ def transition(
         values.update(lease_expires_at=func.now() + lease, next_attempt_at=None)
     elif to in TERMINAL_STATUSES:
         values.update(
-            completed_at=func.now(), lease_expires_at=None, next_attempt_at=None, claimed_by=None
+            completed_at=func.now(),
+            lease_expires_at=None,
+            next_attempt_at=None,
+            claimed_by=None,
+            held=False,
         )
     else:  # queued or retrying (or a CASE choosing one)
         values.update(
@@ -65,13 +72,15 @@ def transition(
             update(Job)
             .where(*where)
             .values(status=to, **values)
-            .returning(Job.id, Job.parent_id, *returning)
+            .returning(Job.id, Job.parent_id, *returning, Job.batch_id)
             .execution_options(synchronize_session=False)
         ).all()
     )
     if rows and isinstance(to, JobStatus):
         if to in TERMINAL_STATUSES:
             deliveries.queue_events(session, [row.id for row in rows], f"job.{to.value}")
+            lines = [row.id for row in rows if row.batch_id is not None and row.parent_id is None]
+            session.info.setdefault(_BATCH_LINES_KEY, []).extend(lines)
         pending = session.info.setdefault(_EVENTS_KEY, [])
         pending.extend((row.id, to.value) for row in rows if row.parent_id is None)
     return rows
@@ -88,6 +97,17 @@ def set_fields(session: Session, job_id: uuid.UUID, **values: Any) -> None:
     )
 
 
+@event.listens_for(Session, "before_commit")
+def _count_batch_lines(session: Session) -> None:
+    # Last in the transaction, so the lines' usage and results are final; the batch rows
+    # are locked after the job rows, as everywhere (chatjobs.batches.progress).
+    ended = session.info.pop(_BATCH_LINES_KEY, None)
+    if ended:
+        from chatjobs.batches import progress
+
+        progress.lines_ended(session, ended)
+
+
 @event.listens_for(Session, "after_commit")
 def _publish_after_commit(session: Session) -> None:
     for job_id, status in session.info.pop(_EVENTS_KEY, ()):
@@ -97,3 +117,4 @@ def _publish_after_commit(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _forget_after_rollback(session: Session) -> None:
     session.info.pop(_EVENTS_KEY, None)
+    session.info.pop(_BATCH_LINES_KEY, None)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from chatjobs import db
 from chatjobs.jobs._state import PENDING
-from chatjobs.models import Job
+from chatjobs.models import Job, JobStatus
 from chatjobs.queue import enqueue_jobs
 from chatjobs.settings import get_settings
 
@@ -88,6 +88,40 @@ def take_due(*, session: Session, limit: int = 1000) -> list[uuid.UUID]:
     )
 
 
+def waiting_in_broker() -> int:
+    """How many published messages of this queue no worker has taken yet."""
+    horizon = time.time() - _PRESUMED_LOST_AFTER
+    return int(_redis().zcount(_published_key(), horizon, "+inf"))
+
+
+def release_held(*, session: Session) -> int:
+    """Make due as many held batch lines as the broker has room for, highest priority and
+    oldest first: the broker holds at most ``batch_release_window`` waiting messages, so a
+    job submitted after a 50,000-line batch waits behind that many, not behind the batch.
+    The lines' ``next_attempt_at`` is set; ``take_due`` then publishes them."""
+    settings = get_settings()
+    room = settings.batch_release_window - waiting_in_broker()
+    if room <= 0:
+        return 0
+    held = (
+        select(Job.id)
+        .where(Job.queue == settings.queue_name, Job.held, Job.status == JobStatus.queued)
+        .order_by(Job.priority.desc(), Job.id)
+        .limit(room)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return len(
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(held))
+            .values(held=False, next_attempt_at=func.now(), updated_at=func.now())
+            .returning(Job.id)
+            .execution_options(synchronize_session=False)
+        ).all()
+    )
+
+
 def find_lost(
     *, session: Session, after: uuid.UUID | None, limit: int
 ) -> tuple[int, uuid.UUID | None]:
@@ -103,6 +137,7 @@ def find_lost(
         Job.queue == settings.queue_name,
         Job.status.in_(PENDING),
         Job.next_attempt_at.is_(None),
+        Job.held.is_(False),
         Job.updated_at < func.now() - timedelta(seconds=settings.stale_queued_seconds),
     )
     if after is not None:

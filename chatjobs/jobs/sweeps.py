@@ -183,6 +183,8 @@ def _prunable(older_than: timedelta) -> list[Any]:
     return [
         _mine(),
         Job.parent_id.is_(None),
+        # A batch's lines go with the batch, when its output expires (chatjobs.batches).
+        Job.batch_id.is_(None),
         Job.status.in_(TERMINAL),
         Job.completed_at < func.now() - older_than,
         ~unsent,

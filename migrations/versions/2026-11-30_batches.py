@@ -158,7 +158,9 @@ def upgrade() -> None:
         "uq_webhook_deliveries_batch_event", "webhook_deliveries", ["batch_id", "event_type"]
     )
     op.create_check_constraint(
-        op.f("ck_webhook_deliveries_job_or_batch"), "webhook_deliveries", "(job_id IS NULL) <> (batch_id IS NULL)"
+        op.f("ck_webhook_deliveries_job_or_batch"),
+        "webhook_deliveries",
+        "(job_id IS NULL) <> (batch_id IS NULL)",
     )
 
 
