@@ -264,7 +264,7 @@ def get_batch(batch_id: str, tenant_id: TenantDep) -> BatchObject:
     return _read(tenant_id, batch_id)
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchObject, responses=errors(404, 409))
+@router.post("/{batch_id}/cancel", response_model=BatchObject, responses=errors(404, 409, 413))
 def cancel_batch(batch_id: str, tenant_id: TenantDep) -> BatchObject:
     """Cancel a validating or running batch: `cancelling` until its unfinished lines are
     cancelled (they end with `batch_cancelled` in the error file), then `cancelled`, with
@@ -278,7 +278,7 @@ def cancel_batch(batch_id: str, tenant_id: TenantDep) -> BatchObject:
     return _read(tenant_id, batch_id)
 
 
-@router.post("/{batch_id}/retry", response_model=BatchObject, responses=errors(400, 404, 409))
+@router.post("/{batch_id}/retry", response_model=BatchObject, responses=errors(400, 404, 409, 413))
 def retry_batch(
     batch_id: str,
     tenant_id: TenantDep,
