@@ -384,3 +384,18 @@ def test_a_killed_worker_and_a_flushed_redis_mid_batch_end_every_line_once(
     successes, jobs_called = calls[0]
     assert jobs_called == 200
     assert successes == 200  # one successful call per line: none ran twice to success
+
+
+def test_more_lines_than_the_limit_fail_with_too_many_tasks(make_stack: Make, api_key: str) -> None:
+    stack = make_stack(env={"CHATJOBS_BATCH_MAX_LINES": "3"}, workers=[], beat=False)
+    marker = uuid.uuid4().hex
+    with sdk(stack.url, api_key) as client:
+        assert _failed_with(client, [line(f"t-{i}", marker) for i in range(4)]) == [
+            ("too_many_tasks", 4)
+        ]
+        just_right = submit(client, [line(f"t-{i}", marker) for i in range(3)])
+        wait_until(
+            lambda: client.batches.retrieve(just_right.id).status == "in_progress",
+            20,
+            "three lines stored",
+        )
