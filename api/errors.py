@@ -1,4 +1,11 @@
-"""The one place that maps chatjobs errors to HTTP statuses and the error envelope."""
+"""The one place that maps chatjobs errors to HTTP statuses and the error envelope.
+
+The envelope is OpenAI's, so its SDKs raise their typed errors with every field set:
+``{"error": {"message", "type", "param", "code"}}`` (``param`` and ``code`` null when none),
+plus ``details`` and ``request_id`` where they apply. A 4xx other than 408 and 429 carries
+``x-should-retry: false``: the SDKs resend a 409 (and any 5xx) unless told not to, and a
+refused request, an Idempotency-Key conflict above all, would only be refused again.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from chatjobs.errors import (
     ConfigurationError,
     Conflict,
     ContextTooLong,
+    FileTooLarge,
     InvalidRequest,
     LimitExceeded,
     NotFound,
@@ -30,6 +38,7 @@ from chatjobs.storable import clean_text
 log = logging.getLogger("chatjobs.api")
 
 _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
+    (FileTooLarge, 413, "request_too_large"),
     (InvalidRequest, 400, "invalid_request_error"),
     (NotFound, 404, "not_found"),
     (Conflict, 409, "conflict"),
@@ -40,19 +49,32 @@ _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
 ]
 
 
-def error_body(type_: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message, **extra}}
+def error_body(
+    type_: str, message: str, *, param: str | None = None, code: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code, **extra}}
+
+
+def no_retry(status: int) -> bool:
+    """Whether an answer with this status tells clients not to resend the request."""
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def error_json(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """An error answer: the envelope, with ``x-should-retry: false`` where it applies."""
+    headers = dict(headers or {})
+    if no_retry(status):
+        headers["x-should-retry"] = "false"
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _internal(request: Request, type_: str, message: str) -> JSONResponse:
     """A 500 in the envelope, with the request's id in the body and the header (this response
     may be sent from outside the middleware that sets the header)."""
     rid = request_id(request.scope) or f"req_{uuid.uuid4().hex}"
-    return JSONResponse(
-        status_code=500,
-        content=error_body(type_, message, request_id=rid),
-        headers={"x-request-id": rid},
-    )
+    return error_json(500, error_body(type_, message, request_id=rid), {"x-request-id": rid})
 
 
 def _param(loc: tuple[int | str, ...]) -> str:
@@ -79,9 +101,9 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
             }
         )
     summary = "; ".join(f"{d['param'] or 'body'}: {d['message']}" for d in details)
-    return JSONResponse(
-        status_code=422,
-        content=error_body(
+    return error_json(
+        422,
+        error_body(
             "invalid_request_error",
             summary,
             param=details[0]["param"] if details else None,
@@ -105,10 +127,8 @@ def _chatjobs_error(request: Request, exc: Exception) -> JSONResponse:
             headers = {"www-authenticate": "Bearer"} if status == 401 else None
             if isinstance(exc, LimitExceeded):
                 headers = _limit_headers(exc)
-            extra = {"param": exc.param} if isinstance(exc, InvalidRequest) else {}
-            return JSONResponse(
-                status_code=status, content=error_body(type_, str(exc), **extra), headers=headers
-            )
+            param = exc.param if isinstance(exc, InvalidRequest) else None
+            return error_json(status, error_body(type_, str(exc), param=param), headers)
     return _unexpected(request, exc)
 
 
@@ -150,19 +170,17 @@ def error_response(request: Request, exc: ChatJobsError | OperationalError) -> J
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(
-        status_code=exc.status_code,
-        content=error_body(type_, str(exc.detail)),
-        headers=getattr(exc, "headers", None),
+    return error_json(
+        exc.status_code, error_body(type_, str(exc.detail)), getattr(exc, "headers", None)
     )
 
 
 def _database_error(_: Request, exc: Exception) -> JSONResponse:
     # Postgres unreachable or restarting: a transient condition the client can retry.
-    return JSONResponse(
-        status_code=503,
-        content=error_body("service_unavailable", "the database is unavailable; retry shortly"),
-        headers={"retry-after": "1"},
+    return error_json(
+        503,
+        error_body("service_unavailable", "the database is unavailable; retry shortly"),
+        {"retry-after": "1"},
     )
 
 
