@@ -10,6 +10,10 @@ CHATJOBS_LARGE_BODY_WAIT_SECONDS gets a 503 with Retry-After: the service is bus
 client over a quota of its own (a 429 would say the client is), and clients retry a 503 the
 same way.
 
+File uploads (POST /v1/files) are neither buffered here nor gated: api/multipart.py streams
+them to a temporary file at a constant cost in memory, under CHATJOBS_MAX_UPLOAD_BYTES. Only
+a Content-Length already past that limit (and the form's own few bytes) is refused here.
+
 The per-tenant limits live in Redis so that every API process shares them: submissions per
 second (GCRA, one script call per submission), open event streams (leases that expire, so a
 crashed process frees its streams' slots within a minute), and queued jobs (counted in
@@ -35,6 +39,7 @@ import redis.asyncio as aioredis
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_body, no_retry
 from chatjobs.db import session_scope
 from chatjobs.errors import QueueLimitExceeded, StreamLimitExceeded, SubmitRateExceeded
 from chatjobs.settings import get_settings
@@ -44,6 +49,10 @@ log = logging.getLogger("chatjobs.api")
 
 
 # --- bodies ----------------------------------------------------------------------------
+
+UPLOAD_PATH = "/v1/files"
+# What a multipart upload may add to its file: boundaries, part headers and short fields.
+FORM_OVERHEAD_BYTES = 256 * 1024
 
 
 class BodySizeLimit:
@@ -63,9 +72,13 @@ class BodySizeLimit:
         large_bytes: int,
         max_large: int,
         wait_seconds: float,
+        max_upload_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        if max_upload_bytes is None:
+            max_upload_bytes = get_settings().max_upload_bytes
+        self.max_upload_bytes = max_upload_bytes
         self.large_bytes = large_bytes
         self.max_large = max_large
         self.wait_seconds = wait_seconds
@@ -77,6 +90,13 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
+        if scope["method"] == "POST" and scope["path"] == UPLOAD_PATH:
+            limit = self.max_upload_bytes + FORM_OVERHEAD_BYTES
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await self._reject(send, self.max_upload_bytes, "CHATJOBS_MAX_UPLOAD_BYTES")
+                return
+            await self.app(scope, receive, send)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(send)
             return
@@ -138,12 +158,14 @@ class BodySizeLimit:
             return False
         return True
 
-    async def _reject(self, send: Send) -> None:
+    async def _reject(
+        self, send: Send, limit: int | None = None, setting: str = "CHATJOBS_MAX_BODY_BYTES"
+    ) -> None:
         await _send_json(
             send,
             413,
             "request_too_large",
-            f"request body exceeds {self.max_bytes} bytes (CHATJOBS_MAX_BODY_BYTES)",
+            f"request body exceeds {limit or self.max_bytes} bytes ({setting})",
             [(b"connection", b"close")],
         )
 
@@ -167,7 +189,9 @@ _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 async def _send_json(
     send: Send, status: int, type_: str, message: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    body = json.dumps(error_body(type_, message)).encode()
+    if no_retry(status):
+        headers = [*headers, (b"x-should-retry", b"false")]
     await send(
         {
             "type": "http.response.start",

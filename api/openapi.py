@@ -16,6 +16,8 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
+from chatjobs import files
+
 _REF = "#/components/schemas/"
 
 
@@ -33,7 +35,8 @@ class ErrorInfo(BaseModel):
         "invalid_request_error, rate_limit_exceeded, internal_error, service_unavailable, ..."
     )
     message: str
-    param: str | None = Field(default=None, description="the first field at fault (422)")
+    param: str | None = Field(default=None, description="the first field at fault (400, 422)")
+    code: str | None = Field(default=None, description="a finer cause, where one applies")
     details: list[ErrorDetail] | None = Field(default=None, description="every field at fault")
     request_id: str | None = Field(default=None, description="the id the API logged it under")
 
@@ -52,6 +55,11 @@ class Readiness(BaseModel):
 
 
 _RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "string"}}
+# api/errors.py: on every 4xx but 408 and 429, so OpenAI's SDKs do not resend (they would a 409).
+_SHOULD_RETRY = {
+    "description": "`false`: resending the same request will not help",
+    "schema": {"type": "string", "enum": ["false"]},
+}
 # api/request_id.py: on every response, the client's own id when it sent a sane one.
 _REQUEST_ID = {
     "description": "the request's id, as the API logged it",
@@ -92,9 +100,20 @@ _ERRORS: dict[int, dict[str, Any]] = {
 }
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` for a route or router: the error envelope under each status."""
-    return {status: {"model": ErrorResponse, **_ERRORS[status]} for status in statuses}
+def errors(
+    *statuses: int, described: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route or router: the error envelope under each status, described
+    as ``described`` says for this route, else as for every route."""
+    described = described or {}
+    return {
+        status: {
+            "model": ErrorResponse,
+            **_ERRORS[status],
+            **({"description": described[status]} if status in described else {}),
+        }
+        for status in statuses
+    }
 
 
 # Every /v1 operation: the key is checked first, any handler can meet an unexpected error, and
@@ -171,6 +190,57 @@ SUBMIT_EXAMPLE: dict[str, Any] = {
     }
 }
 
+# POST /v1/files reads its multipart body itself (api/multipart.py): say what it takes.
+UPLOAD_FORM: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "the content, sent with its filename; at most "
+                            "CHATJOBS_MAX_UPLOAD_BYTES (200 MB unless set)",
+                        },
+                        "purpose": {
+                            "type": "string",
+                            "enum": list(files.UPLOAD_PURPOSES),
+                            "description": "only `batch` files can feed a batch",
+                        },
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {
+                            "type": "integer",
+                            "minimum": files.MIN_EXPIRY_SECONDS,
+                            "maximum": files.MAX_EXPIRY_SECONDS,
+                            "description": "the file is deleted this long after it is "
+                            "created; without it, `batch` files live CHATJOBS_FILE_EXPIRY_"
+                            "SECONDS (30 days unless set) and others until deleted",
+                        },
+                    },
+                    "dependentRequired": {
+                        "expires_after[anchor]": ["expires_after[seconds]"],
+                        "expires_after[seconds]": ["expires_after[anchor]"],
+                    },
+                },
+                "encoding": {"file": {"contentType": "application/octet-stream"}},
+            }
+        },
+    }
+}
+
+FILE_CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file's bytes as uploaded (a batch's output or error file: its "
+        "JSONL lines).",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
 # `Message.content` is checked by a plain validator (one clear message instead of one per
 # member of a union), which leaves pydantic nothing to describe: say what it accepts.
 MESSAGE_CONTENT: dict[str, Any] = {
@@ -191,6 +261,7 @@ MESSAGE_CONTENT: dict[str, Any] = {
 # Where a response's ids lead (Open API links): a client generator shows them, and
 # Schemathesis's stateful phase follows them from a job it created to the job's other routes.
 _JOB = {"job_id": "$response.body#/id"}
+_FILE = {"file_id": "$response.body#/id"}
 LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
     ("post", "/v1/jobs", "202"): {
         "GetJob": ("get", "/v1/jobs/{job_id}", _JOB),
@@ -198,6 +269,11 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = 
         "ListSteps": ("get", "/v1/jobs/{job_id}/steps", _JOB),
         "JobEvents": ("get", "/v1/jobs/{job_id}/events", _JOB),
         "ListDeliveries": ("get", "/v1/jobs/{job_id}/deliveries", _JOB),
+    },
+    ("post", "/v1/files", "200"): {
+        "GetFile": ("get", "/v1/files/{file_id}", _FILE),
+        "FileContent": ("get", "/v1/files/{file_id}/content", _FILE),
+        "DeleteFile": ("delete", "/v1/files/{file_id}", _FILE),
     },
     ("get", "/v1/jobs/{job_id}/deliveries", "200"): {
         "Redeliver": (
@@ -243,8 +319,10 @@ def amend(doc: dict[str, Any]) -> dict[str, Any]:
                 }
             else:  # only the Authorization header, hidden and read by hand: nothing to refuse
                 del responses["422"]
-        for response in responses.values():
+        for status, response in responses.items():
             response.setdefault("headers", {})["x-request-id"] = _REQUEST_ID
+            if status.isdigit() and 400 <= int(status) < 500 and status not in ("408", "429"):
+                response["headers"]["x-should-retry"] = _SHOULD_RETRY
     for (method, path, status), links in LINKS.items():
         response = doc["paths"][path][method]["responses"][status]
         response["links"] = {

@@ -45,6 +45,11 @@ STATUSES = {
     },
     ("get", "/v1/batches/{batch_id}/results"): {"200", "400", "401", "404", "422", "500", "503"},
     ("delete", "/v1/keys/{prefix}"): {"200", "401", "404", "409", "422", "500", "503"},
+    ("post", "/v1/files"): {"200", "400", "401", "409", "413", "422", "500", "503"},
+    ("get", "/v1/files"): {"200", "401", "422", "500", "503"},
+    ("get", "/v1/files/{file_id}"): {"200", "401", "404", "422", "500", "503"},
+    ("get", "/v1/files/{file_id}/content"): {"200", "401", "404", "422", "500", "503"},
+    ("delete", "/v1/files/{file_id}"): {"200", "401", "404", "422", "500", "503"},
 }
 
 
@@ -90,6 +95,27 @@ def test_errors_are_documented_as_the_envelope_the_api_answers(doc: dict[str, An
                 continue
             schema = response["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
+
+
+def test_every_4xx_but_408_and_429_documents_x_should_retry(doc: dict[str, Any]) -> None:
+    for (method, path), operation in _operations(doc).items():
+        for status, response in operation["responses"].items():
+            refuses = 400 <= int(status) < 500 and status not in ("408", "429")
+            assert ("x-should-retry" in response["headers"]) is refuses, (method, path, status)
+    assert "code" in doc["components"]["schemas"]["ErrorInfo"]["properties"]
+
+
+def test_the_upload_is_documented_as_the_sdks_multipart_form(doc: dict[str, Any]) -> None:
+    body = doc["paths"]["/v1/files"]["post"]["requestBody"]
+    form = body["content"]["multipart/form-data"]["schema"]
+    assert body["required"] is True and list(body["content"]) == ["multipart/form-data"]
+    assert form["required"] == ["file", "purpose"]
+    assert form["properties"]["file"] == {**form["properties"]["file"], "format": "binary"}
+    assert set(form["properties"]) == {
+        *("file", "purpose", "expires_after[anchor]", "expires_after[seconds]"),
+    }
+    content = doc["paths"]["/v1/files/{file_id}/content"]["get"]["responses"]["200"]["content"]
+    assert list(content) == ["application/octet-stream"]
 
 
 def test_message_content_is_a_string_an_array_of_parts_or_null(doc: dict[str, Any]) -> None:
