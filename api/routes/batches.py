@@ -273,8 +273,7 @@ def cancel_batch(batch_id: str, tenant_id: TenantDep) -> BatchObject:
         batch = service.cancel_batch(session, tenant_id=tenant_id, batch_id=batch_id)
         cancelling = batch.status == "cancelling"
     if cancelling:
-        while service.cancel_lines(batch_id) == service.CANCEL_PAGE:
-            pass
+        service.end_all(service.cancel_lines, batch_id)
     return _read(tenant_id, batch_id)
 
 

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -226,23 +226,53 @@ def cancel_lines(batch_id: str, *, limit: int = CANCEL_PAGE) -> int:
                 (Batch.lease_expires_at.is_(None)) | (Batch.lease_expires_at < func.now()),
             )
             return 0
-        ids = (
-            select(Job.id)
-            .where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
-            .order_by(Job.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+        return _end_lines(
+            session, batch_id, JobStatus.cancelled, "the batch was cancelled", limit=limit
         )
-        rows = transition(
+
+
+def expire_lines(batch_id: str, *, limit: int = CANCEL_PAGE) -> int:
+    """End up to ``limit`` unfinished lines of a batch whose window has passed (``batch_expired``
+    in its error file); the last one ends the batch ``expired``. The reconciler's deadline
+    sweep would get there too, a few hundred jobs a pass; this is a batch's pages at once."""
+    with session_scope() as session:
+        return _end_lines(
             session,
-            [Job.id.in_(ids), Job.status.in_(ACTIVE)],
-            JobStatus.cancelled,
-            error={"type": "batch_cancelled", "message": "the batch was cancelled"},
+            batch_id,
+            JobStatus.expired,
+            "the batch's completion window ended",
+            limit=limit,
+            where=[Job.deadline < func.now()],
         )
-        ended = [row.id for row in rows]
-        steps.end_steps(session, ended, JobStatus.cancelled, "the batch was cancelled")
-        steps.roll_up_usage(session, ended)
+
+
+def _end_lines(
+    session: Session,
+    batch_id: str,
+    to: JobStatus,
+    why: str,
+    *,
+    limit: int,
+    where: list[Any] | None = None,
+) -> int:
+    """End up to ``limit`` of the batch's unfinished lines no one holds, with their steps."""
+    ids = (
+        select(Job.id)
+        .where(Job.batch_id == batch_id, Job.status.in_(ACTIVE), *(where or []))
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    rows = transition(
+        session,
+        [Job.id.in_(ids), Job.status.in_(ACTIVE)],
+        to,
+        error={"type": f"batch_{to.value}", "message": why},
+    )
+    ended = [row.id for row in rows]
+    steps.end_steps(session, ended, to, why)
+    steps.roll_up_usage(session, ended)
     return len(ended)
 
 
@@ -528,9 +558,24 @@ def sweep() -> int:
             )
         )
         cancelling = list(session.scalars(select(Batch.id).where(Batch.status == "cancelling")))
+        overdue = list(
+            session.scalars(
+                select(Batch.id).where(Batch.status == "in_progress", Batch.expires_at < func.now())
+            )
+        )
     for batch_id in stale:
         ingest(batch_id)
-    return sum(cancel_lines(batch_id) for batch_id in cancelling) + len(stale)
+    ended = sum(end_all(cancel_lines, batch_id) for batch_id in cancelling)
+    ended += sum(end_all(expire_lines, batch_id) for batch_id in overdue)
+    return ended + len(stale)
+
+
+def end_all(end: Callable[..., int], batch_id: str) -> int:
+    """Run ``cancel_lines`` or ``expire_lines`` page after page until a page is not full."""
+    total = 0
+    while (done := end(batch_id)) == CANCEL_PAGE:
+        total += done
+    return total + done
 
 
 def prune(*, limit: int = 100) -> int:
