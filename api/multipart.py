@@ -20,7 +20,7 @@ from tempfile import SpooledTemporaryFile
 from urllib.parse import unquote
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from chatjobs.errors import FileTooLarge, InvalidRequest
 
@@ -272,6 +272,10 @@ async def read_form(request: Request, *, file_field: str, max_file_bytes: int) -
                 await reader.on(event)
         parser.close()
         await reader.end_part()
+    except ClientDisconnect:
+        form.close()
+        # Nobody will read the answer; a 400 keeps it out of the log of unexpected errors.
+        raise _malformed("the client disconnected before the body ended") from None
     except BaseException:
         form.close()
         raise

@@ -514,3 +514,15 @@ def prune_expired(session: Session, limit: int = 500) -> int:
     for storage, location in gone:
         _remove_content(session, storage, location)
     return len(gone)
+
+
+def prune(*, batch: int = 500) -> int:
+    """Delete every expired file, ``batch`` at a time, a transaction each (for the daily
+    retention task); returns how many went."""
+    total = 0
+    while True:
+        with session_scope() as session:
+            gone = prune_expired(session, batch)
+        total += gone
+        if gone < batch:
+            return total

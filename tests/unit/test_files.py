@@ -197,6 +197,23 @@ def test_a_file_over_the_limit_is_refused_before_the_rest_is_read() -> None:
     assert len(read) < 10  # of about 100 pieces
 
 
+def test_a_client_gone_mid_upload_is_a_quiet_400() -> None:
+    body, content_type = encode({"purpose": "batch"}, ("x", b"x" * 100_000))
+    sent = iter([body[:50_000]])
+
+    async def receive() -> Message:
+        chunk = next(sent, None)
+        if chunk is None:
+            return {"type": "http.disconnect"}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    scope = {"type": "http", "headers": [(b"content-type", content_type.encode())]}
+    with pytest.raises(InvalidRequest, match="disconnected"):
+        asyncio.run(
+            multipart.read_form(Request(scope, receive), file_field="file", max_file_bytes=10**9)
+        )
+
+
 @pytest.mark.parametrize(
     ("data", "param"),
     [
