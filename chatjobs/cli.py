@@ -1,4 +1,4 @@
-"""`chatjobs ...`: run the services, migrate, manage keys, simulate an upstream."""
+"""`chatjobs ...`: run the services, migrate, manage keys, simulate an upstream, run batches."""
 
 from __future__ import annotations
 
@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.set_defaults(func=_prune)
+
+    from chatjobs import batch_cli
+
+    batch_cli.add_parser(sub)
     return parser
 
 
