@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, jobs, longcontext
+from chatjobs import deliveries, files, jobs, longcontext
 from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ContextTooLong, LeaseLost, UpstreamError, is_retryable
@@ -360,6 +360,9 @@ def prune() -> int:
     gone = batches.prune()
     if gone:
         log.info("pruned %d batches past their output expiry", gone)
+    expired = files.prune()
+    if expired:
+        log.info("pruned %d expired files", expired)
     if deleted:
         log.info("pruned %d finished jobs", deleted)
     return deleted

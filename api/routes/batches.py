@@ -240,7 +240,8 @@ def create_batch(
 def list_batches(
     tenant_id: TenantDep,
     after: Annotated[
-        str | None, Query(max_length=64, description="last id of the previous page")
+        str | None,
+        Query(pattern=r"^batch_[0-9a-f]{32}$", description="last id of the previous page"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> BatchList:
@@ -323,7 +324,7 @@ def batch_results(
     after: Annotated[
         str | None,
         Query(
-            max_length=64,
+            pattern=r"^batch_req_[0-9a-f]{32}$",
             description="the id (batch_req_...) of the last line already read: only lines "
             "that ended after it follow",
         ),
