@@ -265,6 +265,7 @@ class JobRead(BaseModel):
     webhook_url: str | None
     priority: int
     batch_id: str | None
+    custom_id: str | None = None
     schedule_id: str | None
     progress: dict[str, Any] | None
     long_context: dict[str, Any] | None
@@ -298,6 +299,7 @@ class JobRead(BaseModel):
             webhook_url=job.webhook_url,
             priority=job.priority,
             batch_id=job.batch_id,
+            custom_id=job.custom_id,
             schedule_id=job.schedule_id,
             progress=_json_object(job.progress),
             long_context=_json_object(job.long_context),

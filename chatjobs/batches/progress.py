@@ -123,29 +123,28 @@ def end_finished(session: Session, batch_ids: Sequence[str]) -> list[str]:
     by_status: dict[str, list[str]] = {}
     default_expiry = get_settings().batch_output_expiry_seconds
     for row in ended:
-        expires = timedelta(seconds=row.output_expires_seconds or default_expiry)
-        output_id = error_id = None
-        if row.request_completed:
-            output_id = files.create_output_file(
-                session,
-                tenant_id=row.tenant_id,
-                batch_id=row.id,
-                kind="output",
-                bytes_=row.output_bytes,
-                expires_at=datetime.now(UTC) + expires,
-            ).id
-        if row.request_failed:
-            error_id = files.create_output_file(
-                session,
-                tenant_id=row.tenant_id,
-                batch_id=row.id,
-                kind="error",
-                bytes_=row.error_bytes,
-                expires_at=datetime.now(UTC) + expires,
-            ).id
+        expires_at = datetime.now(UTC) + timedelta(
+            seconds=row.output_expires_seconds or default_expiry
+        )
+        made: dict[str, str | None] = {"output": None, "error": None}
+        for kind, lines, size in (
+            ("output", row.request_completed, row.output_bytes),
+            ("error", row.request_failed, row.error_bytes),
+        ):
+            if lines:  # OpenAI's: no file at all for a kind with no line
+                made[kind] = files.create_output_file(
+                    session,
+                    tenant_id=row.tenant_id,
+                    batch_id=row.id,
+                    kind=kind,  # type: ignore[arg-type]
+                    bytes_=size,
+                    expires_at=expires_at,
+                ).id
         session.execute(
-            text("UPDATE batches SET output_file_id = :o, error_file_id = :e WHERE id = :id"),
-            {"o": output_id, "e": error_id, "id": row.id},
+            text(
+                "UPDATE batches SET output_file_id = :output, error_file_id = :error WHERE id = :id"
+            ),
+            {**made, "id": row.id},
         )
         by_status.setdefault(row.status, []).append(row.id)
     for status, ids in by_status.items():

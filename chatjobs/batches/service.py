@@ -31,8 +31,17 @@ from chatjobs.db import session_scope
 from chatjobs.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound
 from chatjobs.jobs import steps
 from chatjobs.jobs._state import ACTIVE, transition
-from chatjobs.models import Batch, DeliveryStatus, Job, JobStatus, WebhookDelivery, uuid7
+from chatjobs.models import (
+    Batch,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    Tenant,
+    WebhookDelivery,
+    uuid7,
+)
 from chatjobs.settings import get_settings
+from chatjobs.tenants import LIMITS, TenantLimits, queued_jobs
 
 log = logging.getLogger("chatjobs.batches")
 
@@ -411,6 +420,8 @@ def _store_lines(batch_id: str, claim: Any) -> tuple[int, str | None]:
                 )
         if not errors and checker.count == 0:
             errors.append(LineError("empty_file", None, "The input file has no requests."))
+        if not errors:
+            errors.extend(_over_queue_limit(session, claim.tenant_id, checker.count))
         if errors:
             raise _Invalid(errors)
         started = session.execute(
@@ -432,6 +443,27 @@ def _store_lines(batch_id: str, claim: Any) -> tuple[int, str | None]:
         if started is None:
             raise _Fenced()
     return checker.count, checker.model
+
+
+def _over_queue_limit(session: Session, tenant_id: uuid.UUID, lines: int) -> list[LineError]:
+    """The tenant's limit on waiting jobs (CHATJOBS_TENANT_MAX_QUEUED or its own) holds for a
+    batch as a whole: counted with its lines, already inserted in this transaction."""
+    tenant = session.get(Tenant, tenant_id)
+    own = {name: getattr(tenant, name) for name in LIMITS} if tenant else {}
+    limit = TenantLimits.resolve(own, get_settings()).max_queued
+    if not limit:
+        return []
+    waiting = queued_jobs(session=session, tenant_id=tenant_id, cap=limit + 1)
+    if waiting <= limit:
+        return []
+    return [
+        LineError(
+            "queued_limit_exceeded",
+            None,
+            f"This batch's {lines} requests would take the jobs waiting for this tenant past "
+            f"its limit of {limit}; retry once some have started, or split the file.",
+        )
+    ]
 
 
 def _fail(batch_id: str, lease: datetime, errors: list[LineError]) -> bool:

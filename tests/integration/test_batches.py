@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -125,6 +128,8 @@ def test_the_sdk_runs_a_batch_and_reads_every_line_back(oai: openai.OpenAI) -> N
     # Every line is a job, visible by batch id.
     listed = oai.get(f"/jobs?batch_id={done.id}&limit=100", cast_to=httpx.Response).json()
     assert len(listed["data"]) == 28
+    assert {j["custom_id"] for j in listed["data"]} == {r["custom_id"] for r in rows}
+    assert {j["batch_id"] for j in listed["data"]} == {done.id}
 
     # The strict client parses every object the same.
     with sdk(
@@ -316,7 +321,10 @@ def test_live_counts_and_results_so_far_while_the_batch_runs(
         rest = so_far(first[-1]["id"])
         assert len(first) + len(rest) == 10
         assert {x["custom_id"] for x in first + rest} == {r["custom_id"] for r in rows}
-        assert h.get(f"/v1/batches/{batch.id}/results", params={"after": "nope"}).status_code == 400
+        results = f"/v1/batches/{batch.id}/results"
+        assert h.get(results, params={"after": "nope"}).status_code == 422
+        unknown = f"batch_req_{uuid.uuid4().hex}"
+        assert h.get(results, params={"after": unknown}).status_code == 400
     assert done.status == "completed"
 
 
@@ -386,8 +394,14 @@ def test_a_killed_worker_and_a_flushed_redis_mid_batch_end_every_line_once(
     assert successes == 200  # one successful call per line: none ran twice to success
 
 
-def test_more_lines_than_the_limit_fail_with_too_many_tasks(make_stack: Make, api_key: str) -> None:
-    stack = make_stack(env={"CHATJOBS_BATCH_MAX_LINES": "3"}, workers=[], beat=False)
+def test_more_lines_than_the_limits_fail_with_too_many_tasks_or_queued_limit_exceeded(
+    make_stack: Make, api_key: str
+) -> None:
+    stack = make_stack(
+        env={"CHATJOBS_BATCH_MAX_LINES": "3", "CHATJOBS_TENANT_MAX_QUEUED": "5"},
+        workers=[],
+        beat=False,
+    )
     marker = uuid.uuid4().hex
     with sdk(stack.url, api_key) as client:
         assert _failed_with(client, [line(f"t-{i}", marker) for i in range(4)]) == [
@@ -399,3 +413,77 @@ def test_more_lines_than_the_limit_fail_with_too_many_tasks(make_stack: Make, ap
             20,
             "three lines stored",
         )
+        # Three more would make six waiting jobs, past the tenant's five.
+        assert _failed_with(client, [line(f"u-{i}", marker) for i in range(3)]) == [
+            ("queued_limit_exceeded", None)
+        ]
+
+
+def test_a_batch_webhook_from_a_real_batch_is_unwrapped_by_the_sdk(
+    make_stack: Make, api_key: str
+) -> None:
+    from tests.integration.test_webhooks_events import WEBHOOK_ENV
+
+    hits: list[tuple[bytes, dict[str, str]]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            hits.append((body, {k.lower(): v for k, v in self.headers.items()}))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stack = make_stack(env=WEBHOOK_ENV)
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        with sdk(stack.url, api_key) as client:
+            batch = submit(client, [line("w", uuid.uuid4().hex)], extra_body={"webhook_url": url})
+            assert wait_final(client, batch.id).status == "completed"
+            wait_until(lambda: len(hits) == 1, 20, "the batch.completed delivery")
+            secret = client.get("/webhooks/secret", cast_to=httpx.Response).json()["data"][0]
+    finally:
+        server.shutdown()
+        server.server_close()
+    body, headers = hits[0]
+    event = openai.OpenAI(api_key="x", webhook_secret=secret["secret"]).webhooks.unwrap(
+        body, headers
+    )
+    assert event.type == "batch.completed" and event.data.id == batch.id
+
+
+def test_a_batch_whose_api_died_before_validating_it_is_validated_by_the_reconciler(
+    oai: openai.OpenAI, api_key: str
+) -> None:
+    from chatjobs.db import session_scope
+    from chatjobs.models import Batch, StoredFile
+
+    marker = uuid.uuid4().hex
+    upload = oai.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([line(f"r-{i}", marker) for i in range(3)]))),
+        purpose="batch",
+    )
+    batch_id = f"batch_{uuid.uuid4().hex}"
+    with session_scope() as session:
+        tenant_id = session.get(StoredFile, upload.id).tenant_id  # type: ignore[union-attr]
+        session.add(
+            Batch(
+                id=batch_id,
+                tenant_id=tenant_id,
+                status="validating",
+                endpoint="/v1/chat/completions",
+                input_file_id=upload.id,
+                completion_window="1h",
+                window_seconds=3600,
+                # Created a minute ago and never claimed: its API process died first.
+                created_at=datetime.now(UTC) - timedelta(minutes=1),
+                expires_at=datetime.now(UTC) + timedelta(hours=1),
+            )
+        )
+    done = wait_final(oai, batch_id, timeout=60)
+    assert done.status == "completed"
+    assert done.request_counts is not None and done.request_counts.completed == 3
