@@ -194,8 +194,8 @@ class BatchList(BaseModel):
 def _read(tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
     with session_scope() as session:
         batch = service.get_batch(session, tenant_id=tenant_id, batch_id=batch_id)
-        running = service.running_lines(session, batch_id) if batch.status in service.OPEN else 0
-        return BatchObject.of(batch, running)
+        running = service.running_lines(session, [batch])
+        return BatchObject.of(batch, running.get(batch.id, 0))
 
 
 def _replayed(response: Response, created: bool) -> None:
@@ -250,7 +250,8 @@ def list_batches(
         page, has_more = service.list_batches(
             session, tenant_id=tenant_id, after=after, limit=limit
         )
-        data = [BatchObject.of(batch) for batch in page]
+        running = service.running_lines(session, page)
+        data = [BatchObject.of(batch, running.get(batch.id, 0)) for batch in page]
     return BatchList(
         data=data,
         has_more=has_more,

@@ -315,6 +315,12 @@ def test_live_counts_and_results_so_far_while_the_batch_runs(
         wait_until(lambda: len(so_far()) >= 5, 30, "the fast lines")
         running = oai.batches.retrieve(batch.id)
         assert running.status == "in_progress"
+        # The slow lines are being called: counted, by GET and by the list alike.
+        assert running.request_counts is not None
+        assert (running.request_counts.model_extra or {})["in_progress"] >= 1
+        (listed,) = [b for b in oai.batches.list(limit=100) if b.id == batch.id]
+        assert listed.request_counts is not None
+        assert (listed.request_counts.model_extra or {})["in_progress"] >= 1
         first = so_far()
         assert {x["custom_id"] for x in first} >= {f"f-{i}" for i in range(5)}
         done = wait_final(oai, batch.id)
