@@ -47,7 +47,9 @@ def parse_header(value: str) -> tuple[str, dict[str, str]]:
         charset, _, encoded = extended.partition("'")
         _, _, encoded = encoded.partition("'")
         # A charset Python does not know: keep the plain filename.
-        with contextlib.suppress(LookupError):
+        # An unknown charset, or one whose codec refuses the bytes (idna, punycode, ...):
+        # the plain filename parameter, if any, stands.
+        with contextlib.suppress(LookupError, UnicodeError, ValueError):
             params["filename"] = unquote(encoded, encoding=charset or "utf-8", errors="replace")
     return kind.strip().lower(), params
 

@@ -50,7 +50,9 @@ log = logging.getLogger("chatjobs.files")
 CHUNK_BYTES = 1024 * 1024
 # What an upload may be for: OpenAI's own list, so SDK code written for it runs unchanged.
 # Only ``batch`` files can feed a batch; the others are stored and served.
-UPLOAD_PURPOSES = ("batch", "user_data", "assistants", "fine-tune", "vision", "evals")
+# Not "evals": the SDK uploads it, but its FileObject type has no such purpose, so a strict
+# client could not read the file back.
+UPLOAD_PURPOSES = ("batch", "user_data", "assistants", "fine-tune", "vision")
 BATCH_INPUT = "batch"
 BATCH_OUTPUT = "batch_output"
 MIN_EXPIRY_SECONDS = 3600

@@ -140,8 +140,16 @@ class Job(Base):
             "status",
             postgresql_where=text("batch_id IS NOT NULL"),
         ),
-        # Batch lines waiting for the dispatcher to release them, oldest first.
+        # Batch lines waiting for the dispatcher to release them, oldest first; and those it
+        # released that no worker has started (the release window counts them).
         Index("ix_jobs_held", "queue", "priority", "id", postgresql_where=text("held")),
+        Index(
+            "ix_jobs_released",
+            "queue",
+            postgresql_where=text(
+                "batch_id IS NOT NULL AND NOT held AND status IN ('queued', 'retrying')"
+            ),
+        ),
         Index(
             "ix_jobs_deadline",
             "deadline",
@@ -285,6 +293,7 @@ class Batch(Base):
         Index("ix_batches_tenant_id_id", "tenant_id", "id"),
         Index(
             "ix_batches_open",
+            "queue",
             "status",
             postgresql_where=text("status IN ('validating', 'in_progress', 'cancelling')"),
         ),
@@ -321,9 +330,12 @@ class Batch(Base):
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     total_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
+    # The deployment (broker queue) whose processes validate, release, expire and prune it.
+    queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     # Validation is claimed like a job: whoever validates holds this lease, and a batch
-    # whose validator died is validated again by the reconciler.
+    # whose validator died is validated again by the reconciler, a bounded number of times.
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
+    validation_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
 

@@ -4,13 +4,12 @@ plus live results while a batch runs and a retry of what failed."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from api.deps import TenantDep
 from api.openapi import V1_ERRORS, errors
@@ -19,6 +18,7 @@ from chatjobs.batches import output, service
 from chatjobs.db import session_scope
 from chatjobs.errors import InvalidRequest
 from chatjobs.models import Batch
+from chatjobs.schemas import refuse_unstorable
 from chatjobs.settings import get_settings
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=V1_ERRORS)
@@ -51,6 +51,15 @@ class BatchCreate(BaseModel):
         default=None,
         description="receives batch.completed, batch.failed, batch.expired, batch.cancelled",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        # NUL, lone surrogates and the like anywhere (metadata keys and values included)
+        # are a 422 naming their place, never a database error.
+        if isinstance(data, dict):
+            refuse_unstorable(data, title=cls.__name__)
+        return data
 
     @field_validator("webhook_url")
     @classmethod
@@ -208,7 +217,6 @@ def create_batch(
     body: BatchCreate,
     tenant_id: TenantDep,
     response: Response,
-    background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> BatchObject:
     """Create a batch from an uploaded `batch` file; it is `validating` until every line has
@@ -231,8 +239,7 @@ def create_batch(
         read = BatchObject.of(batch)
     _replayed(response, created)
     if created:
-        # After the answer, in this process; the reconciler takes over if it dies first.
-        background.add_task(service.ingest, read.id)
+        service.validate_soon(read.id)
     return read
 
 
@@ -284,7 +291,6 @@ def retry_batch(
     batch_id: str,
     tenant_id: TenantDep,
     response: Response,
-    background: BackgroundTasks,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> BatchObject:
     """A new batch of the failed, expired and cancelled lines of an ended batch (same
@@ -296,19 +302,8 @@ def retry_batch(
         read = BatchObject.of(batch)
     _replayed(response, created)
     if created:
-        background.add_task(service.ingest, read.id)
+        service.validate_soon(read.id)
     return read
-
-
-def _jsonl(lines: Iterator[tuple[int, str]]) -> Iterator[bytes]:
-    buffer: list[str] = []
-    for _, line in lines:
-        buffer.append(line)
-        if len(buffer) >= output.PAGE:
-            yield ("\n".join(buffer) + "\n").encode()
-            buffer.clear()
-    if buffer:
-        yield ("\n".join(buffer) + "\n").encode()
 
 
 @router.get(
@@ -341,5 +336,5 @@ def batch_results(
             raise InvalidRequest(f"no finished line {after} in batch {batch_id}", param="after")
         start = seq
     return StreamingResponse(
-        _jsonl(output.lines(batch_id, "all", after=start)), media_type="application/jsonl"
+        output.as_chunks(output.lines(batch_id, "all", after=start)), media_type="application/jsonl"
     )

@@ -23,9 +23,7 @@ from chatjobs.settings import get_settings
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
 
-Purpose = Literal[
-    "assistants", "batch", "batch_output", "fine-tune", "vision", "user_data", "evals"
-]
+Purpose = Literal["assistants", "batch", "batch_output", "fine-tune", "vision", "user_data"]
 
 
 class FileObject(BaseModel):

@@ -16,12 +16,15 @@ from sqlalchemy import text
 
 from chatjobs.db import session_scope
 
-PAGE = 1000
+# Rows per query, and bytes per chunk sent: a line can be megabytes (a long completion).
+PAGE = 100
+CHUNK_BYTES = 256 * 1024
 
+# The request id of the call that ended the job: its last claim's (a job that ended is never
+# claimed again), so a stale claim's late call cannot change a finished line's bytes.
 _REQUEST_ID = """COALESCE(
     (SELECT c.request_id FROM upstream_calls c
-      WHERE c.job_id = j.id AND c.status_code BETWEEN 200 AND 299
-      ORDER BY c.id DESC LIMIT 1),
+      WHERE c.job_id = j.id AND c.claim_seq = j.claim_seq),
     'req_' || replace(j.id::text, '-', ''))"""
 _HTTP_FAILURE = "j.status = 'failed' AND jsonb_typeof(j.error -> 'status_code') = 'number'"
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
@@ -85,16 +88,25 @@ def lines(batch_id: str, kind: str, *, after: int = 0) -> Iterator[tuple[int, st
         after = page[-1][0]
 
 
-def chunks(batch_id: str, kind: str) -> Iterator[bytes]:
-    """The content of the batch's output or error file, a page of lines per chunk."""
-    buffer: list[str] = []
-    for _, line in lines(batch_id, kind):
-        buffer.append(line)
-        if len(buffer) >= PAGE:
-            yield ("\n".join(buffer) + "\n").encode()
+def as_chunks(lines: Iterator[tuple[int, str]]) -> Iterator[bytes]:
+    """JSONL of ``lines``, in chunks of about CHUNK_BYTES."""
+    buffer: list[bytes] = []
+    size = 0
+    for _, line in lines:
+        data = line.encode() + b"\n"
+        buffer.append(data)
+        size += len(data)
+        if size >= CHUNK_BYTES:
+            yield b"".join(buffer)
             buffer.clear()
+            size = 0
     if buffer:
-        yield ("\n".join(buffer) + "\n").encode()
+        yield b"".join(buffer)
+
+
+def chunks(batch_id: str, kind: str) -> Iterator[bytes]:
+    """The content of the batch's output or error file."""
+    return as_chunks(lines(batch_id, kind))
 
 
 def line_seq(batch_id: str, line_id: str) -> int | None:

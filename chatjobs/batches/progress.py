@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -92,7 +92,7 @@ UPDATE batches SET
  WHERE id = ANY(:ids) AND status IN ('in_progress', 'cancelling')
    AND request_total > 0 AND request_completed + request_failed >= request_total
 RETURNING id, tenant_id, status, request_completed, request_failed, output_bytes,
-          error_bytes, output_expires_seconds
+          error_bytes, output_expires_seconds, finished_at
 """
 )
 
@@ -123,7 +123,8 @@ def end_finished(session: Session, batch_ids: Sequence[str]) -> list[str]:
     by_status: dict[str, list[str]] = {}
     default_expiry = get_settings().batch_output_expiry_seconds
     for row in ended:
-        expires_at = datetime.now(UTC) + timedelta(
+        # From the database's clock, as the batch's own timestamps are.
+        expires_at = row.finished_at + timedelta(
             seconds=row.output_expires_seconds or default_expiry
         )
         made: dict[str, str | None] = {"output": None, "error": None}

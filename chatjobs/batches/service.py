@@ -15,13 +15,16 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
-from sqlalchemy import exists, func, select, text, update
+from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.orm import Session
 
 from chatjobs import deliveries, files
@@ -51,7 +54,8 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,7})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_WINDOW = 365 * 86400
 # How long one validation may hold a batch before the reconciler takes it over.
-VALIDATION_LEASE = timedelta(minutes=2)
+VALIDATION_LEASE = timedelta(minutes=5)
+MAX_VALIDATIONS = 3
 # An unclaimed validating batch this old is validated by the reconciler (its API process
 # died between answering and validating).
 VALIDATION_GRACE = timedelta(seconds=30)
@@ -150,7 +154,9 @@ def create_batch(
         retry_of=retry_of,
         idempotency_key=idempotency_key,
         request_hash=fingerprint,
-        expires_at=datetime.now(UTC) + timedelta(seconds=seconds),
+        queue=get_settings().queue_name,
+        # From the database's clock, as created_at is: expires_at = created_at + window.
+        expires_at=func.now() + timedelta(seconds=seconds),
     )
     session.add(batch)
     try:
@@ -164,6 +170,7 @@ def create_batch(
         if replay is None:
             raise
         return replay, False
+    session.refresh(batch)
     return batch, True
 
 
@@ -330,20 +337,29 @@ def _claim_validation(batch_id: str) -> Any:
                 Batch.status == "validating",
                 (Batch.lease_expires_at.is_(None)) | (Batch.lease_expires_at < func.now()),
             )
-            .values(lease_expires_at=func.now() + VALIDATION_LEASE)
+            .values(
+                lease_expires_at=func.now() + VALIDATION_LEASE,
+                validation_attempts=Batch.validation_attempts + 1,
+            )
             .returning(
                 Batch.tenant_id,
                 Batch.input_file_id,
                 Batch.endpoint,
                 Batch.expires_at,
                 Batch.lease_expires_at,
+                Batch.validation_attempts,
             )
         ).first()
 
 
 def ingest(batch_id: str) -> str | None:
     """Validate the batch's input file and store its lines; returns the batch's new status,
-    or None when another process is validating it (or it is no longer validating)."""
+    or None when another process is validating it (or it is no longer validating).
+
+    A validation that breaks on something other than the file (the database or the file
+    store away) leaves the batch to the reconciler, which tries again once the lease has
+    run out; after ``MAX_VALIDATIONS`` the batch fails with ``validation_error``.
+    """
     claim = _claim_validation(batch_id)
     if claim is None:
         return None
@@ -354,6 +370,17 @@ def ingest(batch_id: str) -> str | None:
             return "failed"
     except _Fenced:
         pass
+    except Exception:
+        log.exception("batch %s: validation attempt %d broke", batch_id, claim.validation_attempts)
+        if claim.validation_attempts < MAX_VALIDATIONS:
+            return None
+        error = LineError(
+            "validation_error",
+            None,
+            f"The input file could not be read after {MAX_VALIDATIONS} attempts; "
+            "upload it again, or ask the operator (see the server log).",
+        )
+        return "failed" if _fail(batch_id, claim.lease_expires_at, [error]) else None
     else:
         log.info("batch %s: %d lines stored for %s", batch_id, count, model)
         return "in_progress"
@@ -361,6 +388,30 @@ def ingest(batch_id: str) -> str | None:
     with session_scope() as session:
         _cancel_unvalidated(session, batch_id, Batch.lease_expires_at == claim.lease_expires_at)
     return None
+
+
+_validators: ThreadPoolExecutor | None = None
+_validators_lock = threading.Lock()
+# Validations one API process runs at once: each holds two database connections (the COPY,
+# and the reads of the file), so a burst of batches queues here instead of taking the pool.
+VALIDATORS = 2
+
+
+def validate_soon(batch_id: str) -> None:
+    """Validate the batch on this process's validator threads (after the API's answer); if
+    the process dies first, the reconciler validates it."""
+    global _validators
+    with _validators_lock:
+        if _validators is None:
+            _validators = ThreadPoolExecutor(VALIDATORS, thread_name_prefix="batch-validate")
+    _validators.submit(_validate_logged, batch_id)
+
+
+def _validate_logged(batch_id: str) -> None:
+    try:
+        ingest(batch_id)
+    except Exception:
+        log.exception("batch %s: validation failed to run; the reconciler retries", batch_id)
 
 
 def _chunks(tenant_id: uuid.UUID, file_id: str) -> Iterator[bytes]:
@@ -505,13 +556,14 @@ _RETRY_LINE = text(
 )
 
 
-def _failed_lines(batch_id: str, endpoint: str) -> Iterator[bytes]:
+def _failed_lines(session: Session, batch_id: str, endpoint: str) -> Iterator[bytes]:
+    # In the caller's session, between the writes of the new file's content: one
+    # connection per retry, however many retries run at once.
     after = 0
     while True:
-        with session_scope() as session:
-            page = session.execute(
-                _RETRY_LINE, {"batch_id": batch_id, "endpoint": endpoint, "after": after}
-            ).all()
+        page = session.execute(
+            _RETRY_LINE, {"batch_id": batch_id, "endpoint": endpoint, "after": after}
+        ).all()
         if not page:
             return
         yield ("\n".join(line for _, line in page) + "\n").encode()
@@ -549,7 +601,7 @@ def retry_batch(
     source, _ = files.store_upload(
         session,
         tenant_id=tenant_id,
-        chunks=_failed_lines(batch_id, original.endpoint),
+        chunks=_failed_lines(session, batch_id, original.endpoint),
         filename=f"{batch_id}_retry.jsonl",
         purpose="batch",
         expires_after_seconds=None,
@@ -576,11 +628,15 @@ def retry_batch(
 
 
 def sweep() -> int:
-    """Validate batches whose validator died, and go on cancelling cancelling batches."""
+    """This deployment's repairs: validate batches whose validator died, go on cancelling
+    cancelling batches, expire batches past their window. One batch that breaks is logged
+    and left for the next pass; the others go on."""
+    mine = Batch.queue == get_settings().queue_name
     with session_scope() as session:
         stale = list(
             session.scalars(
                 select(Batch.id).where(
+                    mine,
                     Batch.status == "validating",
                     (Batch.lease_expires_at < func.now())
                     | (
@@ -590,57 +646,71 @@ def sweep() -> int:
                 )
             )
         )
-        cancelling = list(session.scalars(select(Batch.id).where(Batch.status == "cancelling")))
+        cancelling = list(
+            session.scalars(select(Batch.id).where(mine, Batch.status == "cancelling"))
+        )
         overdue = list(
             session.scalars(
-                select(Batch.id).where(Batch.status == "in_progress", Batch.expires_at < func.now())
+                select(Batch.id).where(
+                    mine, Batch.status == "in_progress", Batch.expires_at < func.now()
+                )
             )
         )
-    for batch_id in stale:
-        ingest(batch_id)
-    ended = sum(end_all(cancel_lines, batch_id) for batch_id in cancelling)
-    ended += sum(end_all(expire_lines, batch_id) for batch_id in overdue)
-    return ended + len(stale)
+    done = 0
+    work: list[tuple[Callable[[str], object], str]] = [
+        *((ingest, batch_id) for batch_id in stale),
+        *((partial(end_all, cancel_lines), batch_id) for batch_id in cancelling),
+        *((partial(end_all, expire_lines), batch_id) for batch_id in overdue),
+    ]
+    for step, batch_id in work:
+        try:
+            result = step(batch_id)
+        except Exception:
+            log.exception("batch %s: the reconciler's pass broke; the next one retries", batch_id)
+            continue
+        done += result if isinstance(result, int) else 1
+    return done
 
 
-def end_all(end: Callable[..., int], batch_id: str) -> int:
+def end_all(end: Callable[..., int], batch_id: str, *, page: int = CANCEL_PAGE) -> int:
     """Run ``cancel_lines`` or ``expire_lines`` page after page until a page is not full."""
     total = 0
-    while (done := end(batch_id)) == CANCEL_PAGE:
+    while (done := end(batch_id, limit=page)) == page:
         total += done
     return total + done
 
 
-def prune(*, limit: int = 100) -> int:
-    """Delete ended batches whose output has expired, with their lines and files (a batch
-    whose webhook is still being delivered is kept until it is done)."""
-    default = get_settings().batch_output_expiry_seconds
-    total = 0
-    while True:
-        with session_scope() as session:
-            gone = list(
-                session.scalars(
-                    select(Batch.id)
-                    .where(
-                        ~exists().where(
-                            WebhookDelivery.batch_id == Batch.id,
-                            WebhookDelivery.status.in_(
-                                (DeliveryStatus.pending, DeliveryStatus.delivering)
-                            ),
-                        ),
-                        Batch.finished_at
-                        < func.now()
-                        - func.make_interval(
-                            0, 0, 0, 0, 0, 0, func.coalesce(Batch.output_expires_seconds, default)
-                        ),
-                    )
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
+def prune(*, page: int = 5000) -> int:
+    """Delete this deployment's ended batches, with their lines, once both their output has
+    expired (``output_expires_after``, else CHATJOBS_BATCH_OUTPUT_EXPIRY_SECONDS) and
+    CHATJOBS_RETENTION_DAYS have passed; a batch whose webhook is still being delivered is
+    kept until it is done. Lines go ``page`` at a time, a transaction each."""
+    settings = get_settings()
+    kept = func.greatest(
+        func.coalesce(Batch.output_expires_seconds, settings.batch_output_expiry_seconds),
+        int(settings.retention_days * 86400),
+    )
+    due = select(Batch.id).where(
+        Batch.queue == settings.queue_name,
+        Batch.finished_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, kept),
+        ~exists().where(
+            WebhookDelivery.batch_id == Batch.id,
+            WebhookDelivery.status.in_((DeliveryStatus.pending, DeliveryStatus.delivering)),
+        ),
+    )
+    with session_scope() as session:
+        doomed = list(session.scalars(due))
+    for batch_id in doomed:
+        while True:
+            with session_scope() as session:
+                lines = select(Job.id).where(Job.batch_id == batch_id).limit(page)
+                deleted = len(
+                    session.execute(
+                        delete(Job).where(Job.id.in_(lines.scalar_subquery())).returning(Job.id)
+                    ).all()
                 )
-            )
-            for batch_id in gone:
-                session.execute(text("DELETE FROM jobs WHERE batch_id = :b"), {"b": batch_id})
-                session.execute(text("DELETE FROM batches WHERE id = :b"), {"b": batch_id})
-        total += len(gone)
-        if len(gone) < limit:
-            return total
+            if deleted < page:
+                break
+        with session_scope() as session:
+            session.execute(text("DELETE FROM batches WHERE id = :b"), {"b": batch_id})
+    return len(doomed)

@@ -95,17 +95,36 @@ def waiting_in_broker() -> int:
 
 
 def release_held(*, session: Session) -> int:
-    """Make due as many held batch lines as the broker has room for, highest priority and
-    oldest first: the broker holds at most ``batch_release_window`` waiting messages, so a
-    job submitted after a 50,000-line batch waits behind that many, not behind the batch.
-    The lines' ``next_attempt_at`` is set; ``take_due`` then publishes them."""
+    """Make due as many held batch lines as there is room for, highest priority and oldest
+    first; ``take_due`` then publishes them.
+
+    The room is ``batch_release_window`` less the batch lines already released and not yet
+    started (waiting in the broker, or deferred by the rate limiter until the upstream can
+    take them) and less any other backlog in the broker: a batch goes at the pace the
+    workers and the upstream's limits allow, and a job submitted after a 50,000-line batch
+    waits behind at most that many messages, not behind the batch.
+    """
     settings = get_settings()
-    room = settings.batch_release_window - waiting_in_broker()
+    mine = Job.queue == settings.queue_name
+    window = settings.batch_release_window
+    started_not = (
+        select(Job.id)
+        .where(
+            mine,
+            Job.batch_id.is_not(None),
+            Job.held.is_(False),
+            Job.status.in_(PENDING),
+        )
+        .limit(window)
+        .subquery()
+    )
+    released = session.scalar(select(func.count()).select_from(started_not)) or 0
+    room = window - max(released, waiting_in_broker())
     if room <= 0:
         return 0
     held = (
         select(Job.id)
-        .where(Job.queue == settings.queue_name, Job.held, Job.status == JobStatus.queued)
+        .where(mine, Job.held, Job.status == JobStatus.queued)
         .order_by(Job.priority.desc(), Job.id)
         .limit(room)
         .with_for_update(skip_locked=True)

@@ -88,7 +88,9 @@ def upgrade() -> None:
         sa.Column("retry_of", sa.String(64)),
         *(sa.Column(name, sa.Integer(), server_default="0", nullable=False) for name in _COUNTERS),
         *(sa.Column(name, sa.BigInteger(), server_default="0", nullable=False) for name in _SUMS),
+        sa.Column("queue", sa.String(200), server_default="chatjobs", nullable=False),
         sa.Column("lease_expires_at", _tz),
+        sa.Column("validation_attempts", sa.Integer(), server_default="0", nullable=False),
         sa.Column("idempotency_key", sa.String(255)),
         sa.Column("request_hash", sa.String(64)),
         sa.Column("created_at", _tz, server_default=sa.func.now(), nullable=False),
@@ -109,7 +111,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_batches_open",
         "batches",
-        ["status"],
+        ["queue", "status"],
         postgresql_where=sa.text("status IN ('validating', 'in_progress', 'cancelling')"),
     )
     op.create_index("ix_batches_finished_at", "batches", ["finished_at"])
@@ -139,6 +141,14 @@ def upgrade() -> None:
     )
     op.create_index(
         "ix_jobs_held", "jobs", ["queue", "priority", "id"], postgresql_where=sa.text("held")
+    )
+    op.create_index(
+        "ix_jobs_released",
+        "jobs",
+        ["queue"],
+        postgresql_where=sa.text(
+            "batch_id IS NOT NULL AND NOT held AND status IN ('queued', 'retrying')"
+        ),
     )
 
     op.alter_column("webhook_deliveries", "job_id", nullable=True)
@@ -170,6 +180,7 @@ def downgrade() -> None:
     op.drop_constraint("uq_webhook_deliveries_batch_event", "webhook_deliveries")
     op.drop_column("webhook_deliveries", "batch_id")
     op.alter_column("webhook_deliveries", "job_id", nullable=False)
+    op.drop_index("ix_jobs_released", table_name="jobs")
     op.drop_index("ix_jobs_held", table_name="jobs")
     op.drop_index("ix_jobs_batch_id_status", table_name="jobs")
     op.drop_index("ix_jobs_batch_id_batch_seq", table_name="jobs")

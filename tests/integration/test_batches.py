@@ -244,6 +244,38 @@ def test_bad_requests_to_the_endpoints_are_4xx_the_sdk_does_not_retry(
         answer = h.post("/v1/batches", json={"input_file_id": upload.id})
         assert answer.status_code == 422
         assert answer.json()["error"]["param"]
+        valid = {
+            "input_file_id": upload.id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }
+        for hostile, param in [
+            ({"metadata": {"a": "x\u0000"}}, "metadata.a"),
+            ({"metadata": {"a\u0000": "x"}}, "metadata"),
+            ({"input_file_id": "file-\u0000"}, "input_file_id"),
+            ({"metadata": {"k": "\ud800"}}, "metadata.k"),
+        ]:
+            answer = h.post(
+                "/v1/batches",
+                content=json.dumps({**valid, **hostile}).encode(),  # \u escapes, as sent
+                headers={"content-type": "application/json"},
+            )
+            assert answer.status_code == 422, answer.text
+            assert answer.json()["error"]["param"].startswith(param), answer.text
+        # A filename* in a charset whose codec refuses the bytes: the plain name stands.
+        odd = h.post(
+            "/v1/files",
+            headers={"content-type": "multipart/form-data; boundary=B"},
+            content=(
+                b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+                b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"; '
+                b"filename*=idna''%FF\r\nContent-Type: application/octet-stream\r\n\r\n"
+                + jsonl([line("a", "m")])
+                + b"\r\n--B--\r\n"
+            ),
+        )
+        assert odd.status_code == 200, odd.text
+        assert odd.json()["filename"] == "x.jsonl"
 
 
 def test_cancel_mid_way_keeps_the_partial_output(oai: openai.OpenAI) -> None:
@@ -467,6 +499,7 @@ def test_a_batch_whose_api_died_before_validating_it_is_validated_by_the_reconci
 ) -> None:
     from chatjobs.db import session_scope
     from chatjobs.models import Batch, StoredFile
+    from chatjobs.settings import get_settings
 
     marker = uuid.uuid4().hex
     upload = oai.files.create(
@@ -481,6 +514,7 @@ def test_a_batch_whose_api_died_before_validating_it_is_validated_by_the_reconci
                 id=batch_id,
                 tenant_id=tenant_id,
                 status="validating",
+                queue=get_settings().queue_name,
                 endpoint="/v1/chat/completions",
                 input_file_id=upload.id,
                 completion_window="1h",

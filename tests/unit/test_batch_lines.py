@@ -87,3 +87,29 @@ def test_the_checker_finds_duplicates_a_second_model_and_too_many_lines() -> Non
     assert mismatch is not None and mismatch.code == "model_mismatch"
     many = checker.check(line("z", "default"))
     assert many is not None and many.code == "too_many_tasks"
+
+
+def _naive(data: bytes, max_line: int) -> list[tuple[int, bytes | None]]:
+    out: list[tuple[int, bytes | None]] = []
+    parts = data.split(b"\n")
+    for number, part in enumerate(parts, 1):
+        if number == len(parts) and not part.strip():
+            break
+        if len(part) > max_line:
+            out.append((number, None))
+        elif part.strip():
+            out.append((number, part))
+    return out
+
+
+@given(
+    st.lists(st.sampled_from([b"", b" ", b"\t", b"a", b"bc", b"{}", b"x y", b"\r"]), max_size=30),
+    st.integers(min_value=1, max_value=9),
+    st.integers(min_value=1, max_value=6),
+)
+def test_split_agrees_with_splitting_the_whole(
+    pieces: list[bytes], size: int, max_line: int
+) -> None:
+    data = b"\n".join(pieces)
+    chunks = [data[i : i + size] for i in range(0, len(data), size)]
+    assert list(split_lines(chunks, max_line)) == _naive(data, max_line)

@@ -1,0 +1,137 @@
+"""The batch core in-process, on a queue of its own: validation, the release window, prune."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from chatjobs import files
+from chatjobs.batches import service
+from chatjobs.db import session_scope
+from chatjobs.jobs import release_held
+from chatjobs.models import Batch, Job, JobStatus
+from chatjobs.settings import get_settings
+
+pytestmark = pytest.mark.integration
+
+
+def new_batch(tenant: uuid.UUID, lines: int, window: str = "24h") -> str:
+    content = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"c-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": f"line {i}"}]},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(lines)
+    )
+    with session_scope() as session:
+        upload, _ = files.store_upload(
+            session,
+            tenant_id=tenant,
+            chunks=[content],
+            filename="in.jsonl",
+            purpose="batch",
+            expires_after_seconds=None,
+            idempotency_key=None,
+        )
+        batch, _ = service.create_batch(
+            session,
+            tenant_id=tenant,
+            new=service.NewBatch(upload.id, "/v1/chat/completions", window),
+        )
+        batch_id = batch.id
+    assert service.ingest(batch_id) == "in_progress"
+    return batch_id
+
+
+def count(batch_id: str, *where: object) -> int:
+    with session_scope() as session:
+        return int(
+            session.scalar(
+                select(func.count()).select_from(Job).where(Job.batch_id == batch_id, *where)
+            )
+            or 0
+        )
+
+
+def test_the_window_counts_released_lines_no_worker_has_started(
+    tenant: uuid.UUID, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHATJOBS_BATCH_RELEASE_WINDOW", "5")
+    get_settings.cache_clear()
+    batch_id = new_batch(tenant, 20)
+    assert count(batch_id, Job.held) == 20
+
+    def release() -> int:
+        with session_scope() as session:
+            return release_held(session=session)
+
+    assert release() == 5
+    assert release() == 0  # the five are due, not started
+    # Two deferred by the rate limiter still count: the upstream cannot take more yet.
+    with session_scope() as session:
+        ids = list(
+            session.scalars(select(Job.id).where(Job.batch_id == batch_id, ~Job.held).limit(5))
+        )
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids[:2]))
+            .values(status=JobStatus.retrying, next_attempt_at=func.now() + timedelta(hours=1))
+        )
+        session.execute(update(Job).where(Job.id.in_(ids[2:])).values(status=JobStatus.running))
+    assert release() == 3  # three started: room for three more
+    assert count(batch_id, Job.held) == 12
+
+
+def test_a_batch_past_its_window_expires_every_line_in_one_pass(tenant: uuid.UUID) -> None:
+    batch_id = new_batch(tenant, 12, window="1s")
+    with session_scope() as session:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(expires_at=func.now() - timedelta(seconds=1))
+        )
+        session.execute(
+            update(Job)
+            .where(Job.batch_id == batch_id)
+            .values(deadline=func.now() - timedelta(seconds=1))
+        )
+    assert service.end_all(service.expire_lines, batch_id, page=5) == 12
+    with session_scope() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        assert (batch.status, batch.request_expired, batch.request_failed) == ("expired", 12, 12)
+        assert batch.output_file_id is None and batch.error_file_id is not None
+        seqs = session.scalars(select(Job.batch_seq).where(Job.batch_id == batch_id)).all()
+        assert sorted(seqs) == list(range(1, 13))  # numbered once each, in commit order
+
+
+def test_prune_deletes_an_old_batch_with_its_lines_a_page_at_a_time(tenant: uuid.UUID) -> None:
+    batch_id = new_batch(tenant, 7)
+    service.end_all(service.expire_lines, batch_id)  # nothing is overdue: nothing ends
+    with session_scope() as session:
+        session.execute(
+            update(Batch)
+            .where(Batch.id == batch_id)
+            .values(status="cancelled", finished_at=func.now() - timedelta(days=400))
+        )
+    assert service.prune(page=3) == 1
+    assert count(batch_id) == 0
+    with session_scope() as session:
+        assert session.get(Batch, batch_id) is None
+
+
+def test_expires_at_is_created_at_plus_the_window_exactly(tenant: uuid.UUID) -> None:
+    batch_id = new_batch(tenant, 1, window="90m")
+    with session_scope() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        assert batch.expires_at - batch.created_at == timedelta(minutes=90)
