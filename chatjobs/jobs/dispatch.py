@@ -10,6 +10,7 @@ healthy backlog is never republished, however long it waits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -46,18 +47,29 @@ def _redis() -> redis.Redis:
 def publish(job_ids: Sequence[uuid.UUID]) -> None:
     """Publish one wake-up per job and record it. Call only after the rows have committed.
 
-    Raises on a broker failure: the caller logs it, and the reconciler finds the job unpublished.
+    Recorded first, published second: a worker may take the message (and remove the record)
+    the moment it is published, and a record written after that would say the broker holds
+    a message it does not. Raises on a broker failure (the records are taken back): the
+    caller logs it, and the reconciler finds the job unpublished.
     """
     if not job_ids:
         return
-    enqueue_jobs(job_ids)
+    recorded = True
     try:
         now = time.time()
         _redis().zadd(_published_key(), {str(job_id): now for job_id in job_ids})
     except redis.RedisError:
         # Unrecorded, the job looks lost and may get one more message: the claim is
         # conditional, so a duplicate costs a no-op task.
-        log.warning("published %d jobs but could not record it", len(job_ids), exc_info=True)
+        recorded = False
+        log.warning("publishing %d jobs without recording it", len(job_ids), exc_info=True)
+    try:
+        enqueue_jobs(job_ids)
+    except Exception:
+        if recorded:
+            with contextlib.suppress(redis.RedisError):
+                _redis().zrem(_published_key(), *(str(job_id) for job_id in job_ids))
+        raise
 
 
 def consumed(job_id: uuid.UUID) -> None:
@@ -89,7 +101,8 @@ def take_due(*, session: Session, limit: int = 1000) -> list[uuid.UUID]:
 
 
 def waiting_in_broker() -> int:
-    """How many published messages of this queue no worker has taken yet."""
+    """How many published messages of this queue no worker has said it took (a gauge for
+    operators and benchmarks; a record can outlive its message, see ``release_held``)."""
     horizon = time.time() - _PRESUMED_LOST_AFTER
     return int(_redis().zcount(_published_key(), horizon, "+inf"))
 
@@ -100,13 +113,15 @@ def release_held(*, session: Session) -> int:
 
     The room is ``batch_release_window`` less the batch lines already released and not yet
     started (waiting in the broker, or deferred by the rate limiter until the upstream can
-    take them) and less any other backlog in the broker: a batch goes at the pace the
-    workers and the upstream's limits allow, and a job submitted after a 50,000-line batch
-    waits behind at most that many messages, not behind the batch.
+    take them): a batch goes at the pace the workers and the upstream's limits allow, and a
+    job submitted after a 50,000-line batch waits behind at most that many of its messages,
+    not behind the batch.
     """
     settings = get_settings()
     mine = Job.queue == settings.queue_name
     window = settings.batch_release_window
+    # From Postgres, not the broker's records: a record can outlive its message (a worker
+    # killed between taking it and saying so), and a window that counted it would stall.
     started_not = (
         select(Job.id)
         .where(
@@ -119,7 +134,7 @@ def release_held(*, session: Session) -> int:
         .subquery()
     )
     released = session.scalar(select(func.count()).select_from(started_not)) or 0
-    room = window - max(released, waiting_in_broker())
+    room = window - released
     if room <= 0:
         return 0
     held = (

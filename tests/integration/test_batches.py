@@ -76,7 +76,15 @@ def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any
         if batch.status in FINAL:
             return batch
         time.sleep(0.2)
-    raise AssertionError(f"batch {batch_id} not final within {timeout}s: {seen[-1].status}")
+    lines = sql(
+        "SELECT status, held, next_attempt_at IS NULL, count(*) FROM jobs WHERE batch_id = :b "
+        "GROUP BY 1, 2, 3",
+        b=batch_id,
+    )
+    raise AssertionError(
+        f"batch {batch_id} not final within {timeout}s: {seen[-1].status}; lines (status, "
+        f"held, undelayed, count): {[tuple(r) for r in lines]}"
+    )
 
 
 def read_lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
@@ -394,6 +402,7 @@ def test_idempotency_key_makes_one_batch(oai: openai.OpenAI) -> None:
         oai.batches.create(**{**body, "completion_window": "1h"}, extra_headers=key)  # type: ignore[arg-type]
 
 
+@pytest.mark.timeout(300)
 def test_a_killed_worker_and_a_flushed_redis_mid_batch_end_every_line_once(
     make_stack: Make, api_key: str, private_redis: Server
 ) -> None:
@@ -412,7 +421,7 @@ def test_a_killed_worker_and_a_flushed_redis_mid_batch_end_every_line_once(
         stack.procs[-1].stop(signal.SIGKILL)
         redis.Redis.from_url(private_redis.url).flushall()
         stack.start_worker("--concurrency", "16", name="replacement")
-        done = wait_final(client, batch.id, timeout=120)
+        done = wait_final(client, batch.id, timeout=90)
     assert done.status == "completed"
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.total) == (200, 200)
