@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run services test test-unit lint bench clean
+.PHONY: install run services test test-unit lint bench bench-batch clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/overhead.py
+
+# Batches (docs/benchmarks.md, "Batches"): ingest of 50,000 and 5,000 lines, then 10,000 lines
+# end to end against `make run`'s simulator and a stricter one; about 12 minutes.
+bench-batch: install
+	$(BIN)/python bench/batch_ingest.py --lines 50000,5000
+	$(BIN)/python bench/batch_e2e.py --lines 10000
+	$(BIN)/python bench/batch_e2e.py --lines 10000 --upstream strict
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
