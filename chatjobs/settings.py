@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(300.0, gt=0)
     retry_after_cap_seconds: float = Field(600.0, gt=0)
-    dispatch_interval_seconds: float = Field(1.0, gt=0)
+    # A tick releases at most a window of batch lines: 0.25 s lets a 64-line window feed
+    # 256 lines a second (at 1 s, a batch could not go faster than 64 a second).
+    dispatch_interval_seconds: float = Field(0.25, gt=0)
     job_deadline_seconds: float = Field(24 * 3600.0, gt=0)
     db_pool_size: int = Field(16, ge=1)
     # Finished jobs (with their steps, calls and webhook deliveries) are deleted after this.
