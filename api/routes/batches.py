@@ -4,12 +4,14 @@ plus live results while a batch runs and a retry of what failed."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.orm import Session
 
 from api.deps import TenantDep
 from api.openapi import V1_ERRORS, errors
@@ -207,9 +209,17 @@ def _read(tenant_id: uuid.UUID, batch_id: str) -> BatchObject:
         return BatchObject.of(batch, running.get(batch.id, 0))
 
 
-def _replayed(response: Response, created: bool) -> None:
-    if not created:
+def _created(response: Response, make: Callable[[Session], tuple[Batch, bool]]) -> BatchObject:
+    """Store a batch made by ``make`` and validate it once committed; a replay of an
+    Idempotency-Key answers the first batch with ``Idempotent-Replayed: true``."""
+    with session_scope() as session:
+        batch, created = make(session)
+        read = BatchObject.of(batch)
+    if created:
+        service.validate_soon(read.id)
+    else:
         response.headers["Idempotent-Replayed"] = "true"
+    return read
 
 
 @router.post("", response_model=BatchObject, responses=errors(400, 409, 413, 422))
@@ -232,15 +242,12 @@ def create_batch(
         else None,
         webhook_url=body.webhook_url,
     )
-    with session_scope() as session:
-        batch, created = service.create_batch(
+    return _created(
+        response,
+        lambda session: service.create_batch(
             session, tenant_id=tenant_id, new=new, idempotency_key=idempotency_key
-        )
-        read = BatchObject.of(batch)
-    _replayed(response, created)
-    if created:
-        service.validate_soon(read.id)
-    return read
+        ),
+    )
 
 
 @router.get("", response_model=BatchList)
@@ -295,15 +302,12 @@ def retry_batch(
 ) -> BatchObject:
     """A new batch of the failed, expired and cancelled lines of an ended batch (same
     custom_ids and bodies; `metadata.retry_of` names this one)."""
-    with session_scope() as session:
-        batch, created = service.retry_batch(
+    return _created(
+        response,
+        lambda session: service.retry_batch(
             session, tenant_id=tenant_id, batch_id=batch_id, idempotency_key=idempotency_key
-        )
-        read = BatchObject.of(batch)
-    _replayed(response, created)
-    if created:
-        service.validate_soon(read.id)
-    return read
+        ),
+    )
 
 
 @router.get(
