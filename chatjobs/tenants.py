@@ -59,6 +59,11 @@ class TenantLimits:
     max_calls_per_job: int
 
     @classmethod
+    def of(cls, row: Any, settings: Settings) -> TenantLimits:
+        """The limits of a tenant row (or any row with its limit columns)."""
+        return cls.resolve({name: getattr(row, name) for name in LIMITS}, settings)
+
+    @classmethod
     def resolve(cls, own: dict[str, int | None], settings: Settings) -> TenantLimits:
         values = {}
         for name in LIMITS:
@@ -106,8 +111,7 @@ def authenticate(*, session: Session, key: str) -> Caller:
     if row is None:
         raise AuthenticationFailed("invalid API key")
     settings = get_settings()
-    own = {name: getattr(row, name) for name in LIMITS}
-    caller = Caller(row.id, TenantLimits.resolve(own, settings))
+    caller = Caller(row.id, TenantLimits.of(row, settings))
     if len(_known) >= _KNOWN_MAX:
         _known.clear()
     _known[digest] = (caller, time.monotonic() + settings.auth_cache_seconds)

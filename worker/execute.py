@@ -332,8 +332,7 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
 def dispatch_due() -> int:
     """Publish the jobs and webhook deliveries whose delay is over; rows first, then messages."""
     with session_scope() as session:
-        jobs.release_held(session=session)
-    with session_scope() as session:
+        jobs.release_held(session=session)  # batch lines made due here are taken just below
         due = jobs.take_due(session=session)
         due_deliveries = deliveries.take_due(session)
     if due:

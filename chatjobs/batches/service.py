@@ -44,7 +44,7 @@ from chatjobs.models import (
     uuid7,
 )
 from chatjobs.settings import get_settings
-from chatjobs.tenants import LIMITS, TenantLimits, queued_jobs
+from chatjobs.tenants import TenantLimits, queued_jobs
 
 log = logging.getLogger("chatjobs.batches")
 
@@ -501,8 +501,10 @@ def _over_queue_limit(session: Session, tenant_id: uuid.UUID, lines: int) -> lis
     """The tenant's limit on waiting jobs (CHATJOBS_TENANT_MAX_QUEUED or its own) holds for a
     batch as a whole: counted with its lines, already inserted in this transaction."""
     tenant = session.get(Tenant, tenant_id)
-    own = {name: getattr(tenant, name) for name in LIMITS} if tenant else {}
-    limit = TenantLimits.resolve(own, get_settings()).max_queued
+    settings = get_settings()
+    limit = (
+        TenantLimits.of(tenant, settings) if tenant else TenantLimits.resolve({}, settings)
+    ).max_queued
     if not limit:
         return []
     waiting = queued_jobs(session=session, tenant_id=tenant_id, cap=limit + 1)
