@@ -114,12 +114,40 @@ def _limit(text: str) -> int | None:
     return value
 
 
+def _weight(text: str) -> int | None:
+    """A fair-share weight for `tenants set`: a whole number from 1, or `default`."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError("a weight is from 1 to 1000")
+    return value
+
+
+def _share(text: str) -> float | None:
+    """A fraction of each model's TPM for `tenants set`: more than 0, at most 1, or `none`."""
+    if text.strip().lower() in {"none", "default"}:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError("a TPM share is more than 0 and at most 1, e.g. 0.25")
+    return value
+
+
 def _tenants_set(ns: argparse.Namespace) -> None:
     from chatjobs.db import session_scope
     from chatjobs.errors import ChatJobsError
-    from chatjobs.tenants import LIMITS, set_limits
+    from chatjobs.tenants import DISPATCH, LIMITS, set_limits
 
-    values = {name: getattr(ns, name) for name in LIMITS if getattr(ns, name) is not _UNSET}
+    values = {
+        name: getattr(ns, name) for name in (*LIMITS, *DISPATCH) if getattr(ns, name) is not _UNSET
+    }
     if not values:
         sys.exit("chatjobs tenants set: name at least one limit, e.g. --submit-rps 50")
     try:
@@ -130,26 +158,30 @@ def _tenants_set(ns: argparse.Namespace) -> None:
     print(
         f"tenant {ns.name!r}: "
         + ", ".join(f"{k}={'default' if v is None else v}" for k, v in values.items())
-        + " (API processes apply it within CHATJOBS_AUTH_CACHE_SECONDS)"
+        + " (API processes apply limits within CHATJOBS_AUTH_CACHE_SECONDS; the dispatcher"
+        " applies weight, max_inflight and tpm_share at its next pass)"
     )
 
 
 def _tenants_list(ns: argparse.Namespace) -> None:
     from chatjobs.db import session_scope
-    from chatjobs.tenants import LIMITS, list_tenants
+    from chatjobs.tenants import DISPATCH, LIMITS, list_tenants
 
     settings = get_settings()
 
-    def shown(own: int | None, name: str) -> str:
+    def shown(own: float | None, name: str) -> str:
+        if name == "tpm_share":
+            return "none" if own is None else f"{own:g}"
         value = own if own is not None else getattr(settings, f"tenant_{name}")
         text = "none" if value == 0 else str(value)
         return text if own is not None else f"{text}*"
 
+    columns = (*LIMITS, *DISPATCH)
     with session_scope() as session:
         rows = list_tenants(session=session)
-        print(f"{'TENANT':<24} {'KEYS':>4} " + " ".join(f"{n.upper():>17}" for n in LIMITS))
+        print(f"{'TENANT':<24} {'KEYS':>4} " + " ".join(f"{n.upper():>17}" for n in columns))
         for tenant, active in rows:
-            limits = " ".join(f"{shown(getattr(tenant, n), n):>17}" for n in LIMITS)
+            limits = " ".join(f"{shown(getattr(tenant, n), n):>17}" for n in columns)
             print(f"{tenant.name:<24} {active:>4} {limits}")
     print("* the default (CHATJOBS_TENANT_*); none: no limit")
 
@@ -235,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("prefix", help="as `chatjobs keys list` shows it, e.g. cj_AbC12xY")
     revoke.set_defaults(func=_keys_revoke)
 
-    tenants = sub.add_parser("tenants", help="per-tenant limits")
+    tenants = sub.add_parser("tenants", help="per-tenant limits and dispatch settings")
     tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
     tenants_set = tenants_sub.add_parser(
         "set", help="set a tenant's own limits (N, 0 for no limit, or `default`)"
@@ -248,6 +280,27 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-calls-per-job", "map calls one long input may be split into"),
     ):
         tenants_set.add_argument(flag, type=_limit, default=_UNSET, metavar="N", help=what)
+    tenants_set.add_argument(
+        "--weight",
+        type=_weight,
+        default=_UNSET,
+        metavar="N",
+        help="weight in fair share between tenants (1-1000; 2 gets twice the tokens of 1)",
+    )
+    tenants_set.add_argument(
+        "--max-inflight",
+        type=_limit,
+        default=_UNSET,
+        metavar="N",
+        help="jobs admitted to the broker or running at once; more wait queued",
+    )
+    tenants_set.add_argument(
+        "--tpm-share",
+        type=_share,
+        default=_UNSET,
+        metavar="F",
+        help="fraction of each model's TPM this tenant may use (0-1, or none)",
+    )
     tenants_set.set_defaults(func=_tenants_set)
     tenants_list = tenants_sub.add_parser("list", help="tenants, their keys and limits")
     tenants_list.set_defaults(func=_tenants_list)

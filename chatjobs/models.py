@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -77,6 +78,11 @@ class Tenant(Base):
     max_queued: Mapped[int | None] = mapped_column(Integer)
     max_streams: Mapped[int | None] = mapped_column(Integer)
     max_calls_per_job: Mapped[int | None] = mapped_column(Integer)
+    # Dispatch: the tenant's weight in fair share, its cap on jobs in flight (admitted or
+    # running), and the fraction of each model's TPM it may use (NULL: no share of its own).
+    weight: Mapped[int | None] = mapped_column(Integer)
+    max_inflight: Mapped[int | None] = mapped_column(Integer)
+    tpm_share: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiKey(Base):
@@ -99,10 +105,17 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_id_id", "tenant_id", "id"),
         Index("ix_jobs_tenant_id_status_id", "tenant_id", "status", "id"),
+        # The dispatcher's read: per tenant, the jobs waiting for admission by priority, then
+        # oldest first (chatjobs.jobs.dispatch).
         Index(
-            "ix_jobs_due",
-            "next_attempt_at",
-            postgresql_where=text("status IN ('queued', 'retrying')"),
+            "ix_jobs_ready",
+            "queue",
+            "tenant_id",
+            text("priority DESC"),
+            "id",
+            postgresql_where=text(
+                "status IN ('queued', 'retrying') AND next_attempt_at IS NOT NULL"
+            ),
         ),
         Index("ix_jobs_lease", "lease_expires_at", postgresql_where=text("status = 'running'")),
         # The reconciler's page-by-page scan of waiting jobs for lost broker messages.
@@ -140,16 +153,6 @@ class Job(Base):
             "status",
             postgresql_where=text("batch_id IS NOT NULL"),
         ),
-        # Batch lines waiting for the dispatcher to release them, oldest first; and those it
-        # released that no worker has started (the release window counts them).
-        Index("ix_jobs_held", "queue", "priority", "id", postgresql_where=text("held")),
-        Index(
-            "ix_jobs_released",
-            "queue",
-            postgresql_where=text(
-                "batch_id IS NOT NULL AND NOT held AND status IN ('queued', 'retrying')"
-            ),
-        ),
         Index(
             "ix_jobs_deadline",
             "deadline",
@@ -177,7 +180,10 @@ class Job(Base):
     total_tokens: Mapped[int] = mapped_column(Integer, default=0)
     prompt_token_estimate: Mapped[int | None] = mapped_column(Integer)
 
+    # Higher is admitted first; the class of a job sets its default (chatjobs.jobs.dispatch).
     priority: Mapped[int] = mapped_column(Integer, default=0)
+    # Estimated tokens (prompt and output budget): what fair share between tenants counts.
+    cost: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     # The broker queue this job's deployment serves: a dispatcher or reconciler only touches
     # its own queue's jobs, so several deployments can share one database.
     queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
@@ -188,17 +194,17 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=6)
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    # A line of a batch: the batch, the line's custom_id, and held until the dispatcher
-    # releases it (a 50,000-line batch must not put 50,000 messages ahead of a later job).
+    # A line of a batch: the batch and the line's custom_id.
     batch_id: Mapped[str | None] = mapped_column(String(64))
     custom_id: Mapped[str | None] = mapped_column(Text)
-    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     # The order in which the batch's lines ended (1, 2, ...), given under the batch's row lock
     # so it is commit order: the cursor of GET /v1/batches/{id}/results.
     batch_seq: Mapped[int | None] = mapped_column(Integer)
     schedule_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
     deadline: Mapped[datetime | None] = mapped_column(_tz)
+    # A pending job waits for the dispatcher while this is set (and is eligible once it has
+    # passed); NULL once admitted, when its message is in the broker.
     next_attempt_at: Mapped[datetime | None] = mapped_column(_tz)
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
     # The worker process (host:pid) holding the lease: for operators, and for tests that
@@ -419,6 +425,8 @@ class WebhookDelivery(Base):
     # The body, fixed at the first attempt so every retry sends the same bytes.
     payload: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A pending job waits for the dispatcher while this is set (and is eligible once it has
+    # passed); NULL once admitted, when its message is in the broker.
     next_attempt_at: Mapped[datetime | None] = mapped_column(_tz)
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
@@ -461,3 +469,28 @@ class WebhookDisabledUrl(Base):
     # The webhook-id of the delivery the receiver refused.
     webhook_id: Mapped[str | None] = mapped_column(String(64))
     disabled_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+
+
+class FairShare(Base):
+    """A tenant's place in fair share on one queue: the estimated tokens admitted for it
+    divided by its weight (a virtual time), and its token buckets of each model's TPM share."""
+
+    __tablename__ = "fair_shares"
+
+    queue: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    served: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # model -> [tokens in the bucket, epoch seconds when last filled]
+    buckets: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+
+
+class FairClock(Base):
+    """A queue's virtual time: where a tenant that was idle rejoins fair share, so that
+    idling never banks credit."""
+
+    __tablename__ = "fair_clocks"
+
+    queue: Mapped[str] = mapped_column(String(200), primary_key=True)
+    vtime: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")

@@ -68,9 +68,19 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(1.0, gt=0)
     retry_cap_seconds: float = Field(300.0, gt=0)
     retry_after_cap_seconds: float = Field(600.0, gt=0)
-    # A tick releases at most a window of batch lines: 0.25 s lets a 64-line window feed
-    # 256 lines a second (at 1 s, a batch could not go faster than 64 a second).
+    # Dispatch (chatjobs.jobs.dispatch): jobs wait in Postgres and the dispatcher admits the
+    # next ones as workers free up. A submission or a finished job wakes it at once; this is
+    # only how often it looks when nothing woke it (retries and deferrals falling due).
     dispatch_interval_seconds: float = Field(0.25, gt=0)
+    # Messages waiting in the broker at once: 0 sizes it to the worker slots that are alive
+    # (each worker registers its pool); a later job waits behind at most this many.
+    dispatch_window: int = Field(0, ge=0)
+    # For a rate-limited model, admit about this much of its rate ahead of the calls.
+    dispatch_lookahead_seconds: float = Field(1.0, gt=0)
+    # Per-tenant dispatch defaults (`chatjobs tenants set --weight --max-inflight`): the
+    # weight in fair share, and jobs admitted or running at once (0: no cap).
+    tenant_weight: int = Field(1, ge=1)
+    tenant_max_inflight: int = Field(0, ge=0)
     job_deadline_seconds: float = Field(24 * 3600.0, gt=0)
     db_pool_size: int = Field(16, ge=1)
     # Finished jobs (with their steps, calls and webhook deliveries) are deleted after this.
@@ -84,11 +94,8 @@ class Settings(BaseSettings):
     files_dir: Path = Path(".run/files")
     max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     file_expiry_seconds: int = Field(30 * 86400, ge=3600)
-    # Batches: lines per input file, and how many batch lines may wait in the broker at once
-    # (the dispatcher releases more as workers take them, so a later job never waits behind
-    # a whole batch).
+    # Batches: lines per input file (they wait like any job, at the batch class's priority).
     batch_max_lines: int = Field(50_000, ge=1)
-    batch_release_window: int = Field(64, ge=1)
     batch_output_expiry_seconds: int = Field(30 * 86400, ge=3600)
 
     @field_validator("file_storage")

@@ -26,6 +26,9 @@ from chatjobs.settings import Settings, get_settings
 KEY_PREFIX = "cj_"
 PREFIX_LENGTH = 10  # what lists show and revoke takes: "cj_" and 7 random characters
 LIMITS = ("submit_rps", "max_queued", "max_streams", "max_calls_per_job")
+# How the dispatcher treats the tenant (chatjobs.jobs.dispatch): its weight in fair share,
+# its cap on jobs admitted or running (0: none), its fraction of each model's TPM (None: none).
+DISPATCH = ("weight", "max_inflight", "tpm_share")
 
 
 def hash_key(key: str) -> str:
@@ -118,9 +121,12 @@ def authenticate(*, session: Session, key: str) -> Caller:
     return caller
 
 
-def set_limits(*, session: Session, tenant_name: str, values: dict[str, int | None]) -> Tenant:
-    """Set some of a tenant's own limits (None: back to the default); TenantNotFound if new."""
-    unknown = set(values) - set(LIMITS)
+def set_limits(
+    *, session: Session, tenant_name: str, values: dict[str, int | float | None]
+) -> Tenant:
+    """Set some of a tenant's own limits and dispatch settings (None: back to the default);
+    TenantNotFound if new."""
+    unknown = set(values) - set(LIMITS) - set(DISPATCH)
     if unknown:
         raise ValueError(f"unknown limits {sorted(unknown)}")
     tenant = session.scalars(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 from typing import Any
 
@@ -37,13 +39,18 @@ def _start_clock(**_: Any) -> None:
     clock.start()
 
 
+_worker_slots = 0
+
+
 @worker_init.connect
 def _size_for_pool(sender: Any = None, **_: Any) -> None:
     # The pool's real size, whether it came from settings, --concurrency or the plain
     # `celery -A worker worker` command line.
+    global _worker_slots
     concurrency = int(getattr(sender, "concurrency", 0) or 0)
     threaded = "thread" in str(getattr(sender, "pool_cls", "")).lower()
     set_pool_slots(concurrency if threaded else 1)
+    _worker_slots = max(1, concurrency)
 
 
 @worker_process_init.connect
@@ -53,6 +60,12 @@ def _fresh_connections(**_: Any) -> None:
 
 
 @worker_ready.connect
-def _warm(**_: Any) -> None:
+def _warm(sender: Any = None, **_: Any) -> None:
     # Planning and limiter reservations count tokens: load the encoding before the first job.
     threading.Thread(target=longcontext.warm, name="warm-encodings", daemon=True).start()
+    # Every worker runs a dispatcher too (one passes at a time), so none is a single point
+    # of failure; its loop registers this worker's slots, which size the broker's window.
+    from worker import clock
+
+    name = getattr(sender, "hostname", None) or f"{socket.gethostname()}:{os.getpid()}"
+    clock.start_dispatcher(worker=f"{name}:{os.getpid()}", slots=_worker_slots)

@@ -1,18 +1,23 @@
-"""The beat process's own clock: the dispatcher and the reconciler run here, on threads.
+"""The clocks that run beside Celery: the dispatcher loop (in beat and in every worker) and
+the reconciler (in beat).
 
 They used to be Celery tasks that beat sent to the worker, and there they waited for a free
 worker slot behind the jobs: with every slot busy on slow calls a tick waited past its expiry
 and was discarded, so a saturated worker stopped republishing lost messages and waking due
-retries exactly when it mattered. In the beat process they run on time whatever the workers
-are doing. Several beats may run at once: every pass takes its rows with SKIP LOCKED.
+retries exactly when it mattered. On threads of their own they run on time whatever the
+workers are doing. Several may run at once: a dispatcher pass holds an advisory lock (the
+others skip it), every reconciler pass takes its rows with SKIP LOCKED.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
+from chatjobs import jobs
+from chatjobs.jobs import dispatch
 from chatjobs.settings import get_settings
 from worker import execute
 
@@ -28,15 +33,59 @@ def _every(interval: float, work: Callable[[], object], stop: threading.Event) -
             log.warning("%s failed; retrying in %.1fs", work.__name__, interval, exc_info=True)
 
 
-def start(stop: threading.Event | None = None) -> threading.Event:
-    """Start the dispatcher and reconciler threads; set the returned event to stop them."""
+def dispatch_forever(stop: threading.Event, *, worker: str | None = None, slots: int = 0) -> None:
+    """Admit jobs whenever something pokes, and at least every dispatch interval.
+
+    A pass that filled the broker's room, or read all it asked of some tenant, goes again at
+    once; otherwise the loop waits for a poke. A worker's loop also keeps its pool's slots
+    registered, which sizes the broker's window.
+    """
+    interval = get_settings().dispatch_interval_seconds
+    registered = 0.0
+    while not stop.is_set():
+        if worker is not None and time.monotonic() - registered > _REGISTER_EVERY:
+            try:
+                dispatch.register_slots(worker, slots, ttl=3 * _REGISTER_EVERY)
+                registered = time.monotonic()
+            except Exception:
+                log.warning("could not register this worker's slots", exc_info=True)
+        try:
+            admitted = execute.dispatch_due()
+        except Exception:
+            log.warning("dispatch failed; retrying in %.1fs", interval, exc_info=True)
+            stop.wait(interval)
+            continue
+        if admitted.ids and (admitted.more or len(admitted.ids) >= admitted.room):
+            continue
+        dispatch.wait_for_poke(interval)
+
+
+_REGISTER_EVERY = 10.0
+
+
+def start_dispatcher(
+    stop: threading.Event | None = None, *, worker: str | None = None, slots: int = 0
+) -> threading.Event:
+    """Start a dispatcher loop on a thread; set the returned event to stop it."""
     stop = stop or threading.Event()
-    settings = get_settings()
-    for name, interval, work in (
-        ("dispatch", settings.dispatch_interval_seconds, execute.dispatch_due),
-        ("reconcile", settings.reconcile_interval_seconds, execute.reconcile),
-    ):
-        threading.Thread(
-            target=_every, args=(interval, work, stop), name=f"chatjobs-{name}", daemon=True
-        ).start()
+    threading.Thread(
+        target=dispatch_forever,
+        args=(stop,),
+        kwargs={"worker": worker, "slots": slots},
+        name="chatjobs-dispatch",
+        daemon=True,
+    ).start()
+    return stop
+
+
+def start(stop: threading.Event | None = None) -> threading.Event:
+    """Start beat's dispatcher and reconciler threads; set the returned event to stop them."""
+    stop = start_dispatcher(stop)
+    threading.Thread(
+        target=_every,
+        args=(get_settings().reconcile_interval_seconds, execute.reconcile, stop),
+        name="chatjobs-reconcile",
+        daemon=True,
+    ).start()
+    jobs.poke()  # a pass at once: anything submitted while no dispatcher ran
     return stop

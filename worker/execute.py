@@ -32,7 +32,17 @@ T = TypeVar("T")
 
 
 def run_job(job_id: uuid.UUID) -> str:
-    """Run the job if it is due and unclaimed; returns what happened, for logs and tests."""
+    """Run the job if it is due and unclaimed; returns what happened, for logs and tests.
+
+    Whatever happened, a slot is free again: the dispatcher is woken to fill it.
+    """
+    try:
+        return _run_job(job_id)
+    finally:
+        jobs.poke()
+
+
+def _run_job(job_id: uuid.UUID) -> str:
     jobs.consumed(job_id)
     runtime = get_runtime()
     claim = _with_db_retry(
@@ -61,7 +71,6 @@ def run_job(job_id: uuid.UUID) -> str:
                 retry_in=retry_delay(claim.attempt, None),
             )
         )
-        _publish_steps(outcome.publish)
         return outcome.status
 
 
@@ -82,7 +91,6 @@ def _plan(claim: jobs.Claim) -> jobs.Planned:
     planned = _with_db_retry(
         lambda session: jobs.apply_plan(session=session, claim=claim, plan=made, options=options)
     )
-    _publish_steps(planned.publish)
     return planned
 
 
@@ -280,7 +288,6 @@ def _record_outcome(
             retry_in=retry_in,
         )
     )
-    _publish_steps(outcome.publish)
     if outcome.status == "stale":
         log.warning(
             "job %s attempt %d: result refused, the job moved on without it",
@@ -288,12 +295,6 @@ def _record_outcome(
             claim.attempt,
         )
     return outcome.status
-
-
-def _publish_steps(ids: list[uuid.UUID]) -> None:
-    """The steps of a chunked job made runnable by this one: published after commit."""
-    if ids:
-        jobs.publish_after_commit(ids, "steps")
 
 
 def _with_db_retry(work: Callable[[Session], T]) -> T:
@@ -329,17 +330,21 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
     return max(backoff, min(retry_after, settings.retry_after_cap_seconds))
 
 
-def dispatch_due() -> int:
-    """Publish the jobs and webhook deliveries whose delay is over; rows first, then messages."""
+def dispatch_due() -> jobs.Admitted:
+    """One dispatcher pass: admit the next jobs in fair order and publish the webhook
+    deliveries whose delay is over; rows first, then messages."""
     with session_scope() as session:
-        jobs.release_held(session=session)  # batch lines made due here are taken just below
-        due = jobs.take_due(session=session)
+        admitted = jobs.admit(session=session)
         due_deliveries = deliveries.take_due(session)
-    if due:
-        jobs.publish(due)
+    if admitted.ids:
+        try:
+            jobs.publish(admitted.ids)
+        except Exception:
+            # Admitted and unpublished: the next pass finds them missing from the broker.
+            log.exception("%d jobs admitted but not published", len(admitted.ids))
     if due_deliveries:
         enqueue_deliveries(due_deliveries)
-    return len(due) + len(due_deliveries)
+    return admitted
 
 
 def reconcile() -> jobs.Reconciled:
@@ -350,6 +355,7 @@ def reconcile() -> jobs.Reconciled:
     batches.sweep()
     if any(vars(done).values()):
         log.info("reconciled: %s", done)
+        jobs.poke()
     return done
 
 

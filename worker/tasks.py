@@ -22,8 +22,8 @@ def deliver_webhook(delivery_id: str) -> None:
 
 @app.task(name="chatjobs.dispatch_due", ignore_result=True)
 def dispatch_due() -> int:
-    """Publish every job whose retry delay is over."""
-    return execute.dispatch_due()
+    """One dispatcher pass (the dispatcher loops run in beat and workers; this is by hand)."""
+    return len(execute.dispatch_due().ids)
 
 
 @app.task(name="chatjobs.reconcile", ignore_result=True)

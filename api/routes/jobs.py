@@ -56,7 +56,7 @@ def create_job(
     if not done.created:
         response.headers["Idempotent-Replayed"] = "true"
     else:
-        jobs.publish_after_commit(done.publish, f"job {read.id}")
+        jobs.poke()
     return read
 
 

@@ -1,12 +1,13 @@
 """Batches: create, read, list, cancel and retry them; validate and store their lines.
 
 A batch is created ``validating`` and answered at once; its input file is then read line by
-line (``ingest``), checked as OpenAI checks it, and either every line becomes a held job in
-one transaction (COPY, so 50,000 lines take seconds) and the batch is ``in_progress``, or
-nothing is stored and the batch is ``failed`` with ``errors.data``. The dispatcher releases
-held lines as the workers take them (chatjobs.jobs.dispatch.release_held); their ends move
-the batch (chatjobs.batches.progress). The reconciler finishes what a dead process left:
-validation whose lease ran out, and cancellations (``sweep``).
+line (``ingest``), checked as OpenAI checks it, and either every line becomes a waiting job
+in one transaction (COPY, so 50,000 lines take seconds) and the batch is ``in_progress``, or
+nothing is stored and the batch is ``failed`` with ``errors.data``. The dispatcher admits
+the lines at the batch class's priority, fairly with other tenants' work, as workers free up
+(chatjobs.jobs.dispatch); their ends move the batch (chatjobs.batches.progress). The
+reconciler finishes what a dead process left: validation whose lease ran out, and
+cancellations (``sweep``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -32,8 +33,10 @@ from chatjobs.batches import lines as batch_lines
 from chatjobs.batches.lines import ENDPOINT, MAX_ERRORS, Checker, LineError
 from chatjobs.db import session_scope
 from chatjobs.errors import Conflict, IdempotencyConflict, InvalidRequest, NotFound
-from chatjobs.jobs import steps
+from chatjobs.jobs import dispatch, steps
 from chatjobs.jobs._state import ACTIVE, transition
+from chatjobs.jobs.dispatch import PRIORITY_BATCH
+from chatjobs.jobs.submit import estimated_cost
 from chatjobs.models import (
     Batch,
     DeliveryStatus,
@@ -324,7 +327,7 @@ class _Fenced(Exception):
 _COPY_COLUMNS = (
     "id, tenant_id, status, model, request, needs_plan, priority, queue, attempts, "
     "claim_seq, max_attempts, deadline, prompt_tokens, completion_tokens, total_tokens, "
-    "batch_id, custom_id, held"
+    "batch_id, custom_id, next_attempt_at, cost"
 )
 
 
@@ -383,6 +386,7 @@ def ingest(batch_id: str) -> str | None:
         return "failed" if _fail(batch_id, claim.lease_expires_at, [error]) else None
     else:
         log.info("batch %s: %d lines stored for %s", batch_id, count, model)
+        dispatch.poke()
         return "in_progress"
     # Cancelled meanwhile: nothing was stored, and this validator ends the cancellation.
     with session_scope() as session:
@@ -430,6 +434,7 @@ def _store_lines(batch_id: str, claim: Any) -> tuple[int, str | None]:
     settings = get_settings()
     checker = Checker(max_lines=settings.batch_max_lines, default_model=settings.default_model)
     errors: list[LineError] = []
+    now = datetime.now(UTC)
     with session_scope() as session:
         cursor = session.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
         with cursor.copy(f"COPY jobs ({_COPY_COLUMNS}) FROM STDIN") as copy:
@@ -448,15 +453,16 @@ def _store_lines(batch_id: str, claim: Any) -> tuple[int, str | None]:
                 if errors:
                     continue  # checking the rest; nothing more is stored
                 assert not isinstance(line, LineError)
+                model = line.model or settings.default_model
                 copy.write_row(
                     (
                         uuid7(),
                         claim.tenant_id,
                         "queued",
-                        line.model or settings.default_model,
+                        model,
                         json.dumps(line.body, ensure_ascii=False, separators=(",", ":")),
                         True,
-                        0,
+                        PRIORITY_BATCH,
                         settings.queue_name,
                         0,
                         0,
@@ -467,7 +473,8 @@ def _store_lines(batch_id: str, claim: Any) -> tuple[int, str | None]:
                         0,
                         batch_id,
                         line.custom_id,
-                        True,
+                        now,
+                        estimated_cost(None, len(raw or b""), line.body, model),
                     )
                 )
         if not errors and checker.count == 0:

@@ -4,7 +4,8 @@
 - ``attempts``: what workers do (claim, renew, defer, plan, record the outcome of a call);
 - ``steps``: map-reduce steps as child jobs, and how their parent advances;
 - ``sweeps``: the reconciler's repairs and retention;
-- ``dispatch``: publishing to the broker, and finding messages the broker lost.
+- ``dispatch``: admitting waiting jobs to the broker in fair order (``fairness``), and
+  finding messages the broker lost.
 
 Every status change goes through ``_state.transition``.
 
@@ -34,11 +35,14 @@ from chatjobs.jobs.attempts import (
     renew_leases,
 )
 from chatjobs.jobs.dispatch import (
+    PRIORITY_BACKFILL,
+    PRIORITY_BATCH,
+    PRIORITY_SINGLE,
+    Admitted,
+    admit,
     consumed,
+    poke,
     publish,
-    publish_after_commit,
-    release_held,
-    take_due,
 )
 from chatjobs.jobs.submit import (
     Created,
@@ -53,12 +57,17 @@ from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune, prune_batch,
 from chatjobs.upstream import clean_usage
 
 __all__ = [
+    "PRIORITY_BACKFILL",
+    "PRIORITY_BATCH",
+    "PRIORITY_SINGLE",
+    "Admitted",
     "Call",
     "Claim",
     "Created",
     "Outcome",
     "Planned",
     "Reconciled",
+    "admit",
     "apply_plan",
     "cancel_job",
     "claim_job",
@@ -74,13 +83,11 @@ __all__ = [
     "list_jobs",
     "list_steps",
     "load_for_plan",
+    "poke",
     "prune",
     "prune_batch",
     "publish",
-    "publish_after_commit",
     "reconcile",
     "record_outcome",
-    "release_held",
     "renew_leases",
-    "take_due",
 ]

@@ -45,8 +45,8 @@ def transition(
     """Move every job matching ``where`` to ``to`` in one conditional UPDATE ... RETURNING.
 
     ``to`` may be an SQL expression choosing between pending statuses (a deferral). Running
-    takes a ``lease``; a pending status is due ``due_in`` seconds from now (None: once a
-    message wakes it); a terminal status completes the job. Each returned row starts with
+    takes a ``lease``; a pending status waits for the dispatcher, eligible ``due_in`` seconds
+    from now (None: at once); a terminal status completes the job. Each returned row starts with
     ``id`` and ``parent_id``, then ``returning``.
     """
     values.setdefault("updated_at", func.now())
@@ -59,13 +59,12 @@ def transition(
             lease_expires_at=None,
             next_attempt_at=None,
             claimed_by=None,
-            held=False,
         )
     else:  # queued or retrying (or a CASE choosing one)
         values.update(
             lease_expires_at=None,
             claimed_by=None,
-            next_attempt_at=None if due_in is None else func.now() + timedelta(seconds=due_in),
+            next_attempt_at=func.now() + timedelta(seconds=due_in or 0),
         )
     rows = list(
         session.execute(

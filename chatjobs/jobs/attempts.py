@@ -171,10 +171,10 @@ def load_for_plan(
 
 @dataclass(frozen=True)
 class Planned:
-    """What planning a claimed job came to: ``claim`` to call now, or steps to publish."""
+    """What planning a claimed job came to: ``claim`` to call now, or steps made runnable."""
 
     claim: Claim | None
-    publish: list[uuid.UUID]
+    runnable: list[uuid.UUID]
     outcome: str
 
 
@@ -233,8 +233,8 @@ def apply_plan(
                 )
             )
         ).one()
-        publish = steps.insert_steps(session, parent, "map", 0, plan.map_requests, plan.map_tokens)
-        return Planned(None, publish, "planned")
+        runnable = steps.insert_steps(session, parent, "map", 0, plan.map_requests, plan.map_tokens)
+        return Planned(None, runnable, "planned")
     request = plan.upstream_request or claim.request
     return Planned(
         replace(claim, request=request, prompt_tokens=plan.prompt_tokens, needs_plan=False),
@@ -263,7 +263,7 @@ class Outcome:
     """What recording an attempt came to, and any steps it made runnable."""
 
     status: str
-    publish: list[uuid.UUID]
+    runnable: list[uuid.UUID]
 
 
 def _log_call(session: Session, claim: Claim, call: Call) -> bool:

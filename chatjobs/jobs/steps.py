@@ -21,7 +21,7 @@ from chatjobs import longcontext
 from chatjobs.errors import ContextTooLong
 from chatjobs.jobs._state import ACTIVE, BROKEN, set_fields, transition
 from chatjobs.models import Job, JobStatus, uuid7
-from chatjobs.routing import model_spec
+from chatjobs.routing import model_spec, output_budget
 from chatjobs.tokens import count_messages
 
 
@@ -71,6 +71,8 @@ def insert_steps(
             "prompt_token_estimate": count,
             "token_count_method": spec.encoding or "estimate",
             "priority": parent.priority,
+            "cost": count + output_budget(request, spec),
+            "next_attempt_at": func.now(),
             "queue": parent.queue,
             "max_attempts": parent.max_attempts,
             "deadline": parent.deadline,
@@ -173,7 +175,7 @@ def end_parent(
 
 
 def advance(session: Session, parent_id: uuid.UUID, step: StepEnd) -> list[uuid.UUID]:
-    """Move a chunked job on after one of its steps ended; returns new steps to publish.
+    """Move a chunked job on after one of its steps ended; returns the steps it made runnable.
 
     The caller holds the parent's lock. A step that ended failed, cancelled or expired fails
     the parent (and cancels the rest); the last map of a level starts the reduces over that

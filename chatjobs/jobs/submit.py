@@ -19,24 +19,34 @@ from chatjobs.errors import IdempotencyConflict, JobNotCancellable, JobNotFound
 from chatjobs.jobs import steps
 from chatjobs.jobs._state import ACTIVE, transition
 from chatjobs.models import Job, JobStatus, uuid7
+from chatjobs.routing import model_spec, output_budget
 from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
 
 
-def _request_hash(body: JobCreate) -> str:
+def _canonical(body: JobCreate) -> bytes:
     payload = body.model_dump(mode="json", exclude={"request"})
     payload["request"] = body.request.raw
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+
+
+def estimated_cost(
+    prompt_tokens: int | None, body_bytes: int, request: dict[str, Any], model: str
+) -> int:
+    """A job's estimated tokens, for fair share: its prompt (counted, else a quarter of its
+    bytes) and the output it may ask for."""
+    prompt = prompt_tokens if prompt_tokens is not None else body_bytes // 4
+    return max(1, prompt + output_budget(request, model_spec(model)))
 
 
 @dataclass(frozen=True)
 class Created:
-    """What submission produced: the job, whether it is new, and the ids to publish."""
+    """What submission produced: the job, whether it is new, and the jobs made runnable
+    (the job, or a chunked job's first steps): the caller pokes the dispatcher for them."""
 
     job: Job
     created: bool
-    publish: list[uuid.UUID]
+    runnable: list[uuid.UUID]
 
 
 def _replay(session: Session, tenant_id: uuid.UUID, key: str, request_hash: str) -> Created | None:
@@ -71,7 +81,8 @@ def create_job(
     ``max_calls`` is the tenant's limit on map calls (None: the default; 0: none).
     """
     settings = get_settings()
-    request_hash = _request_hash(body)
+    canonical = _canonical(body)
+    request_hash = hashlib.sha256(canonical).hexdigest()
     if idempotency_key is not None:
         replay = _replay(session, tenant_id, idempotency_key, request_hash)
         if replay is not None:
@@ -102,6 +113,11 @@ def create_job(
         "prompt_token_estimate": plan.prompt_tokens if plan else None,
         "token_count_method": plan.method if plan else None,
         "priority": body.priority,
+        "cost": estimated_cost(
+            plan.prompt_tokens if plan else None, len(canonical), body.request.raw, model
+        ),
+        # Waiting for the dispatcher from now; a chunked parent waits on its steps instead.
+        "next_attempt_at": None if chunked else func.now(),
         "queue": settings.queue_name,
         "max_attempts": body.max_attempts or settings.max_attempts,
         "deadline": deadline,

@@ -11,6 +11,8 @@ import httpx
 import pytest
 import redis
 
+from chatjobs.queue import RUN_JOB, make_celery
+from chatjobs.settings import Settings
 from chatjobs.testing import Proc, wait_job
 from tests.conftest import REDIS, MiniStack
 
@@ -211,7 +213,7 @@ def wait_for_log(proc: Proc, text: str, timeout: float = 20) -> None:
 def test_cancelled_queued_job_never_reaches_the_upstream(
     make_stack: Callable[..., MiniStack], api_key: str, sim: httpx.Client
 ) -> None:
-    # An api publishing to a queue no worker listens on yet.
+    # An api, and no dispatcher yet: the job waits in Postgres.
     stack = make_stack(workers=[], beat=False)
     marker = uuid.uuid4().hex
     with stack.client(api_key) as client:
@@ -225,8 +227,12 @@ def test_cancelled_queued_job_never_reaches_the_upstream(
         again = client.post(f"/v1/jobs/{job['id']}/cancel")
         assert again.status_code == 409
 
-        # Now a worker takes the message off the queue: it must claim nothing.
+        # Never admitted: no message. A stale one (as from an admission just before the
+        # cancel) reaches a worker, which must claim nothing.
         broker = redis.Redis.from_url(REDIS)
+        assert broker.llen(stack.queue) == 0
+        producer = make_celery(Settings(redis_url=REDIS, queue_name=stack.queue))
+        producer.send_task(RUN_JOB, args=[job["id"]], queue=stack.queue)
         assert broker.llen(stack.queue) == 1
         late = stack.start_worker("--pool", "solo", name="late-worker")
         wait_for_log(late, f"job {job['id']}: nothing to claim", timeout=30)

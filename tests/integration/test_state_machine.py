@@ -246,7 +246,7 @@ def test_maps_then_a_reduce_then_the_parent_succeeds_with_every_steps_usage(
         c = claim(step_id)
         assert c is not None
         out = succeed(c, f"part {i}")
-        published += out.publish
+        published += out.runnable
         progress = row(parent_id).progress or {}
         assert progress["map"] == {"done": i + 1, "total": 3}
     assert len(published) == 1  # the reduce, once the last map ended
@@ -255,7 +255,7 @@ def test_maps_then_a_reduce_then_the_parent_succeeds_with_every_steps_usage(
     assert "part 0" in reduce.request["messages"][-1]["content"]
     c = claim(published[0])
     assert c is not None
-    assert succeed(c, "the whole").publish == []
+    assert succeed(c, "the whole").runnable == []
     parent = row(parent_id)
     assert parent.status == JobStatus.succeeded
     assert (
@@ -353,7 +353,8 @@ def test_only_jobs_whose_message_is_gone_are_republished(tenant: uuid.UUID) -> N
         session.execute(
             update(Job)
             .where(Job.id.in_([held, lost]))
-            .values(updated_at=func.now() - timedelta(hours=1))
+            # Admitted (a message out for each) an hour ago.
+            .values(next_attempt_at=None, updated_at=func.now() - timedelta(hours=1))
         )
     with session_scope() as session:
         assert sweeps.republish_lost(session) == 1
