@@ -111,6 +111,8 @@ _LIMIT_FIELDS = frozenset({"rpm", "tpm", "context_window"})
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SimConfig))
 # Spellings of "no limit" accepted from the environment and the command line.
 _UNLIMITED = frozenset({"", "none", "null", "off", "unlimited"})
+# How the RPM/TPM limits are enforced (see _RateLimiter).
+LIMIT_WINDOWS = ("minute", "second", "sliding")
 
 
 def _coerce_field(name: str, value: object) -> Any:
@@ -132,8 +134,9 @@ def _coerce_field(name: str, value: object) -> Any:
         # 0 means "no limit": a limit nothing can pass is never what anyone wants.
         return value or None
     if name == "limit_window":
-        if value not in ("minute", "second"):
-            raise ValueError(f"{name}: expected 'minute' or 'second', got {value!r}")
+        if value not in LIMIT_WINDOWS:
+            expected = ", ".join(repr(w) for w in LIMIT_WINDOWS)
+            raise ValueError(f"{name}: expected one of {expected}, got {value!r}")
         return value
     if name == "error_statuses":
         if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value:
@@ -208,7 +211,8 @@ _ARG_HELP = {
     "jitter": "extra uniform 0..JITTER seconds of latency",
     "rpm": "requests per minute limit (0 = unlimited)",
     "tpm": "tokens per minute limit (0 = unlimited)",
-    "limit_window": "'minute': 60 s sliding window; 'second': rpm/60 and tpm/60 per second",
+    "limit_window": "'minute': 60 s sliding window; 'second': rpm/60 and tpm/60 per calendar "
+    "second; 'sliding': rpm/60 and tpm/60 in every sliding 1 s interval",
     "error_rate": "fraction of requests answered with a 5xx",
     "error_statuses": "comma-separated statuses injected errors are drawn from",
     "timeout_rate": "fraction of requests that hang for --hang-seconds",
@@ -235,7 +239,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, server_options: bool = Fal
             "help": _ARG_HELP.get(name, "") + f" (env {ENV_PREFIX}{name.upper()})",
         }
         if name == "limit_window":
-            kwargs["choices"] = ("minute", "second")
+            kwargs["choices"] = LIMIT_WINDOWS
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -451,9 +455,19 @@ class _Admission:
 
 
 class _RateLimiter:
-    """RPM/TPM admission: a 60 s sliding window, or fixed 1 s buckets of rpm/60 and tpm/60."""
+    """RPM/TPM admission, measured at arrival, in one of three ways (SimConfig.limit_window):
+
+    - minute: at most rpm and tpm in any sliding 60 s window;
+    - second: at most rpm/60 and tpm/60 in each calendar second (fixed 1 s buckets);
+    - sliding: at most rpm/60 and tpm/60 in any sliding 1 s window (stricter than the buckets:
+      a burst straddling a second's boundary is refused too).
+
+    Per second, a limit below 60 still admits one request a second, and a request larger than a
+    second's tokens may go alone (into an empty bucket or window), or it could never run.
+    """
 
     WINDOW = 60.0
+    SLIDING = 1.0
 
     def __init__(self) -> None:
         self._req_times: deque[float] = deque()
@@ -466,32 +480,38 @@ class _RateLimiter:
     def admit(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
         if cfg.limit_window == "second":
             return self._admit_second(cfg, now, cost)
-        return self._admit_minute(cfg, now, cost)
+        return self._admit_window(cfg, now, cost)
 
-    def _admit_minute(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
-        horizon = now - self.WINDOW
+    def _window(self, cfg: SimConfig) -> tuple[float, int | None, int | None]:
+        """The sliding window's length and its request and token limits."""
+        if cfg.limit_window == "sliding":
+            return self.SLIDING, _per_second(cfg.rpm), _per_second(cfg.tpm)
+        return self.WINDOW, cfg.rpm, cfg.tpm
+
+    def _admit_window(self, cfg: SimConfig, now: float, cost: int) -> _Admission:
+        window, rpm, tpm = self._window(cfg)
+        horizon = now - window
         times, events = self._req_times, self._tok_events
         while times and times[0] <= horizon:
             times.popleft()
         while events and events[0][0] <= horizon:
             self._tok_used -= events.popleft()[1]
-        rpm, tpm = cfg.rpm, cfg.tpm
         if rpm is not None and len(times) >= rpm:
             # The window can hold more than rpm after a live config change: wait for the excess.
-            wait = times[len(times) - rpm] + self.WINDOW - now
+            wait = times[len(times) - rpm] + window - now
             return self._reject(cfg, now, "requests", rpm, len(times), 1, wait)
-        if tpm is not None:
-            if cost > tpm:
+        if tpm is not None and self._tok_used + cost > tpm:
+            if cost > tpm and window == self.WINDOW:
                 # Can never fit; like OpenAI's "Request too large" it is still a 429.
-                return self._reject(
-                    cfg, now, "tokens", tpm, self._tok_used, cost, self.WINDOW, True
-                )
-            if self._tok_used + cost > tpm:
-                need, freed, wait = self._tok_used + cost - tpm, 0, self.WINDOW
+                return self._reject(cfg, now, "tokens", tpm, self._tok_used, cost, window, True)
+            # Per second, a request larger than the window's tokens may go alone.
+            if self._tok_used:
+                need, freed = self._tok_used + cost - tpm, 0
+                wait = events[-1][0] + window - now  # the window is empty by then
                 for stamp, tokens in events:
                     freed += tokens
                     if freed >= need:
-                        wait = stamp + self.WINDOW - now
+                        wait = stamp + window - now
                         break
                 return self._reject(cfg, now, "tokens", tpm, self._tok_used, cost, wait)
         if rpm is not None:
@@ -499,23 +519,24 @@ class _RateLimiter:
         if tpm is not None:
             events.append((now, cost))
             self._tok_used += cost
-        return _Admission(True, self._minute_headers(cfg, now))
+        return _Admission(True, self._window_headers(cfg, now))
 
-    def _minute_headers(self, cfg: SimConfig, now: float) -> dict[str, str]:
+    def _window_headers(self, cfg: SimConfig, now: float) -> dict[str, str]:
+        window, rpm, tpm = self._window(cfg)
         headers: dict[str, str] = {}
-        if cfg.rpm is not None:
+        if rpm is not None:
             times = self._req_times
             # Reset = when the remaining count next goes up (the oldest counted request expires).
-            idx = max(0, len(times) - cfg.rpm)
-            reset = times[idx] + self.WINDOW - now if times else 0.0
-            headers["x-ratelimit-limit-requests"] = str(cfg.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, cfg.rpm - len(times)))
+            idx = max(0, len(times) - rpm)
+            reset = times[idx] + window - now if times else 0.0
+            headers["x-ratelimit-limit-requests"] = str(rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, rpm - len(times)))
             headers["x-ratelimit-reset-requests"] = _fmt_duration(reset)
-        if cfg.tpm is not None:
+        if tpm is not None:
             events = self._tok_events
-            reset = events[0][0] + self.WINDOW - now if events else 0.0
-            headers["x-ratelimit-limit-tokens"] = str(cfg.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, cfg.tpm - self._tok_used))
+            reset = events[0][0] + window - now if events else 0.0
+            headers["x-ratelimit-limit-tokens"] = str(tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, tpm - self._tok_used))
             headers["x-ratelimit-reset-tokens"] = _fmt_duration(reset)
         return headers
 
@@ -524,16 +545,13 @@ class _RateLimiter:
         if bucket != self._bucket:
             self._bucket, self._bucket_requests, self._bucket_tokens = bucket, 0, 0
         wait = bucket + 1 - now
-        if cfg.rpm is not None:
-            limit = max(1, cfg.rpm // 60)
-            if self._bucket_requests >= limit:
-                return self._reject(cfg, now, "requests", limit, self._bucket_requests, 1, wait)
-        if cfg.tpm is not None:
-            limit = max(1, cfg.tpm // 60)
-            # A request bigger than a whole second's budget may take an empty bucket; otherwise
-            # it could never run at all under per-second enforcement.
-            if self._bucket_tokens and self._bucket_tokens + cost > limit:
-                return self._reject(cfg, now, "tokens", limit, self._bucket_tokens, cost, wait)
+        rpm, tpm = _per_second(cfg.rpm), _per_second(cfg.tpm)
+        if rpm is not None and self._bucket_requests >= rpm:
+            return self._reject(cfg, now, "requests", rpm, self._bucket_requests, 1, wait)
+        # A request bigger than a whole second's budget may take an empty bucket; otherwise
+        # it could never run at all under per-second enforcement.
+        if tpm is not None and self._bucket_tokens and self._bucket_tokens + cost > tpm:
+            return self._reject(cfg, now, "tokens", tpm, self._bucket_tokens, cost, wait)
         self._bucket_requests += 1
         self._bucket_tokens += cost
         return _Admission(True, self._second_headers(cfg, now))
@@ -541,15 +559,14 @@ class _RateLimiter:
     def _second_headers(self, cfg: SimConfig, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}
         reset = _fmt_duration(self._bucket + 1 - now)
-        if cfg.rpm is not None:
-            limit = max(1, cfg.rpm // 60)
-            headers["x-ratelimit-limit-requests"] = str(limit)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, limit - self._bucket_requests))
+        rpm, tpm = _per_second(cfg.rpm), _per_second(cfg.tpm)
+        if rpm is not None:
+            headers["x-ratelimit-limit-requests"] = str(rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, rpm - self._bucket_requests))
             headers["x-ratelimit-reset-requests"] = reset
-        if cfg.tpm is not None:
-            limit = max(1, cfg.tpm // 60)
-            headers["x-ratelimit-limit-tokens"] = str(limit)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, limit - self._bucket_tokens))
+        if tpm is not None:
+            headers["x-ratelimit-limit-tokens"] = str(tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, tpm - self._bucket_tokens))
             headers["x-ratelimit-reset-tokens"] = reset
         return headers
 
@@ -567,8 +584,13 @@ class _RateLimiter:
         if cfg.limit_window == "second":
             headers = self._second_headers(cfg, now)
         else:
-            headers = self._minute_headers(cfg, now)
+            headers = self._window_headers(cfg, now)
         return _Admission(False, headers, kind, limit, used, requested, max(wait, 0.001), too_large)
+
+
+def _per_second(limit: int | None) -> int | None:
+    """A per-minute limit enforced per second: limit/60, at least 1."""
+    return None if limit is None else max(1, limit // 60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1088,7 +1110,7 @@ class Simulator:
 
     def _rate_limited(self, admission: _Admission, model: str) -> Response:
         cfg = self.config
-        per = "sec" if cfg.limit_window == "second" else "min"
+        per = "min" if cfg.limit_window == "minute" else "sec"
         unit = f"{admission.kind} per {per} ({'R' if admission.kind == 'requests' else 'T'}"
         unit += "PS)" if per == "sec" else "PM)"
         if admission.too_large:

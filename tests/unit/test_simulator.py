@@ -443,6 +443,71 @@ def test_rpm_second_buckets() -> None:
     run(body)
 
 
+def test_rpm_sliding_window_refuses_a_burst_across_a_second_boundary() -> None:
+    clock = FakeClock(1000.75)
+
+    async def body() -> None:
+        async with sim_client(SimConfig(rpm=120, limit_window="sliding"), clock=clock) as client:
+            first = [await client.post(URL, json=chat()) for _ in range(3)]
+            clock.now = 1001.25  # a new calendar second, but both are within the last second
+            straddling = await client.post(URL, json=chat())
+            clock.now = 1001.75  # the first two have just left the window
+            after = [await client.post(URL, json=chat()) for _ in range(3)]
+        assert [a.status_code for a in first] == [200, 200, 429]
+        assert first[0].headers["x-ratelimit-limit-requests"] == "2"
+        assert first[0].headers["x-ratelimit-remaining-requests"] == "1"
+        assert first[0].headers["x-ratelimit-reset-requests"] == "1s"
+        assert_openai_error(first[2], 429, "rate_limit_exceeded")
+        error = first[2].json()["error"]
+        assert error["type"] == "requests" and error["param"] is None
+        assert error["message"].startswith("Rate limit reached for requests per sec (RPS)")
+        assert "Limit 2, Used 2, Requested 1. Please try again in 1s." in error["message"]
+        assert first[2].headers["retry-after"] == "1"
+        assert first[2].headers["retry-after-ms"] == "1000"
+
+        # Fixed buckets would admit this one: the sliding window still holds two.
+        assert_openai_error(straddling, 429, "rate_limit_exceeded")
+        assert straddling.headers["retry-after-ms"] == "500"
+        assert straddling.headers["x-ratelimit-reset-requests"] == "500ms"
+        assert [a.status_code for a in after] == [200, 200, 429]
+
+    run(body)
+
+
+def test_tpm_sliding_window_counts_tokens_of_the_last_second() -> None:
+    clock = FakeClock(1000.5)
+
+    async def body() -> None:
+        # 6,000 TPM: 100 tokens in any second. Each call costs 8 prompt tokens + 40 = 48.
+        async with sim_client(SimConfig(tpm=6000, limit_window="sliding"), clock=clock) as client:
+            answers = [await client.post(URL, json=chat(max_tokens=40)) for _ in range(3)]
+            clock.now = 1001.2
+            still = await client.post(URL, json=chat(max_tokens=40))
+            clock.now = 1001.5  # both have left the window
+            large = await client.post(URL, json=chat(max_tokens=150))
+            clock.now = 1002.0
+            behind_large = await client.post(URL, json=chat(max_tokens=1))
+            clock.now = 1002.5
+            later = await client.post(URL, json=chat(max_tokens=40))
+        assert [a.status_code for a in answers] == [200, 200, 429]
+        assert answers[0].headers["x-ratelimit-limit-tokens"] == "100"
+        assert answers[1].headers["x-ratelimit-remaining-tokens"] == "4"
+        error = answers[2].json()["error"]
+        assert error["type"] == "tokens"
+        assert error["message"].startswith("Rate limit reached for tokens per sec (TPS)")
+        assert "Limit 100, Used 96, Requested 48." in error["message"]
+        assert answers[2].headers["retry-after-ms"] == "1000"
+        assert_openai_error(still, 429, "rate_limit_exceeded")
+        # Larger than a second's tokens, it goes alone into an empty window...
+        assert large.status_code == 200
+        # ...and nothing else goes until it has left the window.
+        assert_openai_error(behind_large, 429, "rate_limit_exceeded")
+        assert behind_large.headers["retry-after-ms"] == "500"
+        assert later.status_code == 200
+
+    run(body)
+
+
 def test_tpm_limit() -> None:
     clock = FakeClock()
 
@@ -695,6 +760,7 @@ def test_config_from_env() -> None:
     ]:
         with pytest.raises(ValueError, match=var):
             config_from_env({var: value})
+    assert config_from_env({"CHATJOBS_SIM_LIMIT_WINDOW": "Sliding"}).limit_window == "sliding"
     with pytest.raises(ValueError, match="latency"):
         SimConfig(latency=-1)
 
