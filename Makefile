@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run services test test-unit lint bench bench-batch clean
+.PHONY: install run services test test-unit lint bench bench-batch bench-fairness clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,22 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Per-job cost (docs/benchmarks.md, "Overhead" and "Dispatch from Postgres"): jobs submitted
+# while workers run, the drain of 10,000 queued jobs, and POST /v1/jobs; about 5 minutes.
 bench: install
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead.py --drain --jobs 10000
+	$(BIN)/python bench/ingest.py --seconds 8 --concurrency 1,8,32,64
+
+# Fairness and priority (docs/benchmarks.md, "Dispatch from Postgres"): a big tenant and small
+# ones at 3,000 RPM, weights 2:1 (equal and unequal job sizes), a priority-50 job over a
+# backlog of 5,000; about 15 minutes.
+bench-fairness: install
+	$(BIN)/python bench/fairness.py small-tenants
+	$(BIN)/python bench/fairness.py weights
+	$(BIN)/python bench/fairness.py weights --light-prompt 800 --heavy 6000 --light 2000
+	$(BIN)/python bench/priority.py --upstream limited
+	$(BIN)/python bench/priority.py --upstream unlimited
 
 # Batches (docs/benchmarks.md, "Batches"): ingest of 50,000 and 5,000 lines, then 10,000 lines
 # end to end against `make run`'s simulator and a stricter one; about 12 minutes.
