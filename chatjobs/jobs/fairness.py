@@ -3,10 +3,16 @@ between tenants in estimated tokens, then each tenant's own order (oldest first)
 
 Fair share is start-time fair queueing over virtual time: each tenant carries ``served``,
 the estimated tokens admitted for it divided by its weight, and the next job to go is the
-one whose tenant would be least served after it (``served + cost / weight``). A tenant that
-was idle, or held back by a cap, rejoins at the queue's virtual time (the start of the last
-job admitted) rather than at its old, lower figure: waiting never banks credit, so a tenant
-back from a quiet hour cannot take the whole upstream until it has "caught up".
+one whose tenant is least served before it (its start tag, ``served``; the job's own cost
+counts once it has gone). A tenant that was idle, or held back by a cap, rejoins at the
+queue's virtual time (the start of the last job admitted) rather than at its old, lower
+figure: waiting never banks credit, so a tenant back from a quiet hour cannot take the whole
+upstream until it has "caught up".
+
+Ordering by start tag is what makes that rejoining rule safe across passes: the virtual time
+never passes the start tag of a tenant still waiting in line, so a tenant whose next job is
+large is not pushed back each pass. (Ordered by finish tag, ``served + cost / weight``, a job
+costing more than a whole pass of the others' never went while they had a backlog.)
 
 Caps hold a tenant back without failing anything: ``max_inflight`` (jobs admitted or
 running), its share of a model's TPM (a token bucket refilled at share x TPM per minute),
@@ -90,9 +96,7 @@ def choose(
             return
         job = jobs[i]
         order += 1
-        heapq.heappush(
-            heap, (-job.priority, state.served + job.cost / state.weight, order, tenant_id)
-        )
+        heapq.heappush(heap, (-job.priority, state.served, order, tenant_id))
 
     for tenant_id in heads:
         state = tenants[tenant_id]
