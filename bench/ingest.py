@@ -4,7 +4,10 @@
 
 The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams: httpx as a
 load generator tops out below the server under test on this machine. No worker runs, so the
-figures are the API's alone (jobs accumulate in the queue).
+figures are the API's alone (jobs accumulate in Postgres; beat's dispatcher, poked by each
+submission, admits one window of them to the broker and then finds no room). ``--profile N``
+runs one more, unmeasured level of N clients under py-spy (the API's processes, active
+samples) and prints the top functions.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import argparse
 import asyncio
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.stack import cpu_delta, percentile, running_stack
+from bench.stack import Stack, cpu_delta, percentile, running_stack
 
 BODY = json.dumps(
     {
@@ -79,12 +83,34 @@ async def level(
     return time.monotonic() - started, latencies, errors
 
 
+def profile_api(stack: Stack, clients: int, seconds: float) -> None:
+    """One more level of ``clients`` under py-spy; prints the API's top functions."""
+    from bench import pyspy
+
+    api = next(p.popen for p in stack.procs if p.name == "api")
+    assert api is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "api.txt"
+        with pyspy.cpu_profile(api.pid, raw, subprocesses=True):
+            elapsed, latencies, _ = asyncio.run(level(stack.api_url, stack.key, clients, seconds))
+        profile = pyspy.summarise(raw)
+    print(
+        f"profile api, {clients} clients, {elapsed:.1f}s under py-spy: {len(latencies)} requests "
+        f"({len(latencies) / elapsed:.0f}/s), {profile.samples} active samples at 100/s "
+        f"(~{profile.samples / 100 / max(1, len(latencies)) * 1000:.2f} ms per request)"
+    )
+    print(profile.table("own (innermost frame)", profile.own))
+    print(profile.table("inclusive (anywhere on the stack)", profile.inclusive), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--api-workers", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, help="py-spy a level of N clients")
     ns = parser.parse_args()
+    print(f"  load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     with running_stack(workers=0, api_workers=ns.api_workers) as stack:
         for clients in [int(c) for c in ns.concurrency.split(",")]:
             before = stack.cpu_seconds()
@@ -99,6 +125,8 @@ def main() -> None:
                 f"p99_ms={percentile(latencies, 99) * 1000:.1f} errors={len(errors)} {cpu}",
                 flush=True,
             )
+        if ns.profile:
+            profile_api(stack, ns.profile, ns.seconds)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,13 @@ def _profile_drain(stack: Stack, conn: Any, seconds: float, top: int) -> str:
     )
 
 
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def drain(ns: argparse.Namespace) -> None:
     """Submit everything with no worker consuming, then start the workers and time the drain."""
+    load_before = _load()
     with running_stack(workers=0, api_workers=ns.api_workers) as stack:
         submit_s = asyncio.run(submit_all(stack.api_url, stack.key, ns.jobs, ns.concurrency))
         args = ["--concurrency", str(ns.worker_concurrency)]
@@ -201,7 +206,7 @@ def drain(ns: argparse.Namespace) -> None:
         f"{ns.worker_concurrency}{'/' + ns.pool if ns.pool else ''} "
         f"submit_rps={ns.jobs / submit_s:.0f} first_claim_to_last_success_s={span:.2f} "
         f"jobs_per_s={succeeded / span if span else 0:.0f} upstream_calls={calls} "
-        f"retried_jobs={retried} cpu_span_s={sampled:.2f} "
+        f"retried_jobs={retried} load {load_before} -> {_load()} cpu_span_s={sampled:.2f} "
         + " ".join(f"cpu_{k}={v:.1f}" for k, v in sorted(used.items(), key=lambda kv: -kv[1]))
         + f" | cpu_ms_per_job: {per_job} total={sum(used.values()) / max(1, succeeded) * 1000:.2f}",
         flush=True,
