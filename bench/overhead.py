@@ -66,7 +66,14 @@ async def submit_all(
                 i = queue.get_nowait()
                 request = make_request(i) if make_request else {**REQUEST, "metadata_i": i}
                 body = {"request": request, **(fields or {})}
-                response = await client.post("/v1/jobs", json=body)
+                try:
+                    response = await client.post("/v1/jobs", json=body)
+                except httpx.TransportError as exc:
+                    # A kept-alive connection the server closed as it was reused (seen on
+                    # a loaded machine): once more on a new one. The first may have been
+                    # stored, so a job can exist twice; the scripts count what they find.
+                    print(f"submit {i}: {exc!r}, sent again", file=sys.stderr)
+                    response = await client.post("/v1/jobs", json=body)
                 response.raise_for_status()
 
         started = time.monotonic()
