@@ -1,4 +1,4 @@
-"""The batch core in-process, on a queue of its own: validation, the release window, prune."""
+"""The batch core in-process, on a queue of its own: validation, admission, expiry, prune."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 
-from chatjobs import files
+from chatjobs import files, jobs
 from chatjobs.batches import service
 from chatjobs.db import session_scope
-from chatjobs.jobs import release_held
+from chatjobs.jobs import dispatch
 from chatjobs.models import Batch, Job, JobStatus
+from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def new_batch(tenant: uuid.UUID, lines: int, window: str = "24h") -> str:
     return batch_id
 
 
-def count(batch_id: str, *where: object) -> int:
+def count(batch_id: str, *where: ColumnElement[bool]) -> int:
     with session_scope() as session:
         return int(
             session.scalar(
@@ -62,33 +63,39 @@ def count(batch_id: str, *where: object) -> int:
         )
 
 
-def test_the_window_counts_released_lines_no_worker_has_started(
+def admit() -> list[uuid.UUID]:
+    with session_scope() as session:
+        return dispatch.admit(session=session).ids
+
+
+def test_a_batch_fills_at_most_the_window_and_a_later_job_goes_before_its_lines(
     tenant: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CHATJOBS_BATCH_RELEASE_WINDOW", "5")
+    monkeypatch.setenv("CHATJOBS_DISPATCH_WINDOW", "5")
     get_settings.cache_clear()
     batch_id = new_batch(tenant, 20)
-    assert count(batch_id, Job.held) == 20
+    assert count(batch_id, Job.next_attempt_at.is_not(None)) == 20  # all waiting in Postgres
 
-    def release() -> int:
+    first = admit()
+    assert len(first) == 5
+    dispatch.publish(first)
+    assert admit() == []  # the five wait in the broker: no room
+    # A worker takes the five: three run, two the rate limiter defers back to Postgres.
+    for job_id in first:
+        dispatch.consumed(job_id)
         with session_scope() as session:
-            return release_held(session=session)
-
-    assert release() == 5
-    assert release() == 0  # the five are due, not started
-    # Two deferred by the rate limiter still count: the upstream cannot take more yet.
+            claim = jobs.claim_job(session=session, job_id=job_id, worker="test:1")
+            assert claim is not None
+            if job_id in first[3:]:
+                assert jobs.defer_job(session=session, claim=claim, delay=3600)
+    # A job submitted now goes before the batch's remaining lines, into the freed room.
+    body = JobCreate.model_validate({"request": {"messages": [{"role": "user", "content": "hi"}]}})
     with session_scope() as session:
-        ids = list(
-            session.scalars(select(Job.id).where(Job.batch_id == batch_id, ~Job.held).limit(5))
-        )
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids[:2]))
-            .values(status=JobStatus.retrying, next_attempt_at=func.now() + timedelta(hours=1))
-        )
-        session.execute(update(Job).where(Job.id.in_(ids[2:])).values(status=JobStatus.running))
-    assert release() == 3  # three started: room for three more
-    assert count(batch_id, Job.held) == 12
+        later = jobs.create_job(session=session, tenant_id=tenant, body=body).job.id
+    second = admit()
+    assert second[0] == later and len(second) == 5
+    assert count(batch_id, Job.next_attempt_at.is_(None), Job.status == JobStatus.queued) == 4
+    assert count(batch_id, Job.next_attempt_at.is_not(None)) == 20 - 5 - 4 + 2
 
 
 def test_a_batch_past_its_window_expires_every_line_in_one_pass(tenant: uuid.UUID) -> None:
@@ -111,7 +118,9 @@ def test_a_batch_past_its_window_expires_every_line_in_one_pass(tenant: uuid.UUI
         assert (batch.status, batch.request_expired, batch.request_failed) == ("expired", 12, 12)
         assert batch.output_file_id is None and batch.error_file_id is not None
         seqs = session.scalars(select(Job.batch_seq).where(Job.batch_id == batch_id)).all()
-        assert sorted(seqs) == list(range(1, 13))  # numbered once each, in commit order
+        assert sorted(s or 0 for s in seqs) == list(
+            range(1, 13)
+        )  # numbered once each, in commit order
 
 
 def test_prune_deletes_an_old_batch_with_its_lines_a_page_at_a_time(tenant: uuid.UUID) -> None:
