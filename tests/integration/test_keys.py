@@ -145,7 +145,8 @@ def test_tenants_set_and_list_show_own_limits_and_defaults(stack_env: dict[str, 
     def default(limit: int) -> str:
         return f"{limit or 'none'}*"
 
-    # name, keys, submit_rps, max_queued, max_streams, max_calls_per_job; * marks defaults.
+    # name, keys, submit_rps, max_queued, max_streams, max_calls_per_job, weight,
+    # max_inflight, tpm_share; * marks defaults.
     settings = get_settings()
     assert row() == [
         name,
@@ -154,6 +155,9 @@ def test_tenants_set_and_list_show_own_limits_and_defaults(stack_env: dict[str, 
         default(settings.tenant_max_queued),
         "none",
         default(settings.tenant_max_calls_per_job),
+        default(settings.tenant_weight),
+        default(settings.tenant_max_inflight),
+        "none",  # tpm_share: none unless set
     ]
     assert cli(stack_env, "tenants", "set", name, "--submit-rps", "default").returncode == 0
     assert row()[2] == default(settings.tenant_submit_rps)

@@ -240,12 +240,14 @@ def test_a_running_job_past_its_deadline_ends_expired_and_its_call_is_abandoned(
 ) -> None:
     stack = make_stack(env={"CHATJOBS_HEARTBEAT_SECONDS": "0.5"})
     marker = uuid.uuid4().hex
-    deadline = (datetime.now(UTC) + timedelta(seconds=2)).isoformat()
+    # Far enough ahead that a loaded machine's slow first request still lands before it.
+    deadline = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
     with stack.client(api_key) as client:
-        job = client.post(
+        response = client.post(
             "/v1/jobs", json=job_body(marker, x_sim={"latency": 30}, deadline=deadline)
-        ).json()
-        done = wait_job(client, job["id"], timeout=15)
+        )
+        assert response.status_code == 202, response.text
+        done = wait_job(client, response.json()["id"], timeout=20)
         assert done["status"] == "expired"
         assert done["error"]["type"] == "deadline_exceeded"
         wait_until(
@@ -374,7 +376,9 @@ def test_flushing_redis_with_100_jobs_queued_loses_none(
     broker = redis.Redis.from_url(private_redis.url)
     with stack.client(api_key) as client:
         ids = submit_many(client, 100, None, uuid.uuid4().hex)
-        assert broker.llen(stack.queue) == 100
+        # Beat's dispatcher admits a window of them (no worker registered: the minimum);
+        # the rest wait in Postgres.
+        wait_until(lambda: broker.llen(stack.queue) > 0, 10, "some jobs admitted")
         broker.flushall()
         flushed_at = time.monotonic()
         stack.start_worker("--concurrency", "32")
@@ -384,7 +388,7 @@ def test_flushing_redis_with_100_jobs_queued_loses_none(
     print(f"recovery after flushing Redis: {recovery:.1f}s")
 
 
-def test_a_publish_that_fails_after_commit_still_runs_the_job(
+def test_a_submission_while_the_apis_redis_is_down_still_runs_the_job(
     make_stack: Make, api_key: str, sim: httpx.Client
 ) -> None:
     # The api's broker is unreachable; beat and the worker use the real one.
@@ -409,8 +413,8 @@ def test_a_publish_that_fails_after_commit_still_runs_the_job(
         timeout=30,
     ) as client:
         response = client.post("/v1/jobs", json=job_body(uuid.uuid4().hex))
+        # Stored; the API's poke was lost, and a dispatcher's tick admits it anyway.
         assert response.status_code == 202
-        assert "not published" in api.log_path.read_text()
         done = wait_job(client, response.json()["id"], timeout=30)
     assert done["status"] == "succeeded"
 
