@@ -47,14 +47,24 @@ A call costing more than L can never fit a window. Rather than waiting forever i
 once TAT catches up (start = max(now, TAT)) and reserves its full cost, so nothing else starts
 for longer than a window after it; the provider will likely refuse it as too large anyway.
 
-The bound is on the starts the limiter hands out, in Redis time; a worker's sleep and network
-delay move its actual send by milliseconds, well inside the stretch the headroom gives.
+The bound is on the starts the limiter hands out, in Redis time. That is enough for a minute,
+but not for a provider that enforces its share of the limit over every second (Azure OpenAI
+evaluates RPM over 1 s or 10 s increments; gateways keep sliding windows): at 1,200 RPM twenty
+slots span 1.02 s, so one call sent 20 ms late shares a second with the twenty after it, and
+sends were measured late by 23 ms at the median and 255 ms at p99 (a deferred job back after
+its slot, a sleep woken late on a busy host; docs/benchmarks.md). So a granted call passes a
+second check just before it is sent, `start`: a log of the actual starts of every process
+(a sorted set in Redis time, one Lua script) lets at most an interval's share of the limit
+start within a little over the interval, and a late call waits there for room instead of
+crowding the calls after it. The log is slightly faster than GCRA (Limits.interval_share), so
+it only ever holds back calls that came late, and GCRA alone still decides the pace.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +72,10 @@ from typing import Any
 import redis
 
 __all__ = ["Decision", "Limits", "RateLimiter", "parse_duration"]
+
+
+# The share of the headroom's stretch the send log keeps as margin (Limits.interval_share).
+_LOG_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,9 @@ class Limits:
     max_concurrency: int | None = None  # calls in flight at once, across all processes
     window_seconds: float = 60.0  # providers state limits per minute
     headroom: float = 0.98  # pace at this fraction of the limit
+    # The shortest interval over which the provider may enforce its share of the limit (Azure
+    # OpenAI evaluates RPM over 1 s or 10 s; gateways keep sliding windows of a second).
+    interval_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "max_concurrency"):
@@ -83,6 +100,39 @@ class Limits:
             raise ValueError(f"Limits.window_seconds must be positive, got {self.window_seconds!r}")
         if not 0 < self.headroom <= 1:
             raise ValueError(f"Limits.headroom must be in (0, 1], got {self.headroom!r}")
+        if not 0 < self.interval_seconds <= self.window_seconds:
+            raise ValueError(
+                "Limits.interval_seconds must be positive and at most window_seconds, "
+                f"got {self.interval_seconds!r}"
+            )
+
+    def interval_share(self, limit: int | None) -> tuple[int, float]:
+        """(allowance, span) of the send log for one dimension; (0, 0.0) if it is not limited.
+
+        At most `allowance` calls (or tokens) start within any `span`: the interval's share of
+        the limit (at least one), over the time that share takes at the limit's pace, stretched
+        by half the headroom's stretch. That half is the margin for the delay between the log
+        and the provider's door (measured in the docs: a few milliseconds, tens under load);
+        the other half keeps the log a little faster than GCRA hands out slots, so a queue of
+        late calls at the log drains instead of growing.
+        """
+        if limit is None:
+            return 0, 0.0
+        allowance = max(1, math.floor(limit * self.interval_seconds / self.window_seconds))
+        stretch = 1 + (1 / self.headroom - 1) * _LOG_MARGIN
+        return allowance, allowance * self.window_seconds / limit * stretch
+
+    def pause_after_429(self, tokens: int) -> float:
+        """How long every process pauses after a 429 that named no Retry-After.
+
+        The time for one call's share of the interval to leave it (50 ms at 1,200 RPM), never
+        more than the interval: under per-second enforcement a 429 says this call did not fit
+        the last interval, not that the provider wants silence for a second.
+        """
+        requests, _ = self.interval_share(self.rpm)
+        allowance, _ = self.interval_share(self.tpm)
+        shares = ([1 / requests] if requests else []) + ([tokens / allowance] if allowance else [])
+        return self.interval_seconds * min(1.0, max(shares, default=1.0))
 
 
 @dataclass(frozen=True)
@@ -285,6 +335,54 @@ return 1
 """
 )
 
+_START = (
+    _COMMON
+    + """
+-- KEYS: state hash (for the cool-down), send log (zset; score: the start in Redis time,
+-- member: 'start call_id tokens'). ARGV: tokens, call_id, then allowance and span for requests
+-- and for tokens (allowance 0: not limited).
+local now = clock()
+local cost, call_id = tonumber(ARGV[1]), ARGV[2]
+local n_req, span_req = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n_tok, span_tok = tonumber(ARGV[5]), tonumber(ARGV[6])
+local cool = tonumber(redis.call('HGET', KEYS[1], 'cool'))
+if cool and cool > now then return {0, fmt(cool - now), 'cooldown'} end
+local span = math.max(span_req, span_tok)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now - span))
+
+local wait, why = 0, 'ok'
+if n_req > 0 then
+  local since = '(' .. fmt(now - span_req)
+  local count = redis.call('ZCOUNT', KEYS[2], since, '+inf')
+  if count >= n_req then
+    -- Wait for the oldest start that must leave the span to make room.
+    local e = redis.call('ZRANGEBYSCORE', KEYS[2], since, '+inf', 'WITHSCORES', 'LIMIT',
+      count - n_req, 1)
+    wait, why = tonumber(e[2]) + span_req - now, 'requests'
+  end
+end
+-- A call larger than the whole allowance is left to its GCRA slot: waiting for an empty log
+-- could starve it behind a steady stream of small calls.
+if n_tok > 0 and cost <= n_tok then
+  local recent = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. fmt(now - span_tok), '+inf',
+    'WITHSCORES')
+  local used = 0
+  for i = 1, #recent, 2 do used = used + tonumber(string.match(recent[i], '(%d+)$')) end
+  local freed = 0
+  for i = 1, #recent, 2 do
+    if used - freed + cost <= n_tok then break end
+    freed = freed + tonumber(string.match(recent[i], '(%d+)$'))
+    local w = tonumber(recent[i + 1]) + span_tok - now
+    if w > wait then wait, why = w, 'tokens' end
+  end
+end
+if wait > 0 then return {0, fmt(wait), why} end
+redis.call('ZADD', KEYS[2], now, fmt(now) .. ' ' .. call_id .. ' ' .. cost)
+redis.call('PEXPIRE', KEYS[2], math.ceil(span * 1000) + 1000)
+return {1, '0', 'ok'}
+"""
+)
+
 # Go-style durations as OpenAI sends them in x-ratelimit-reset-*: "20ms", "1.5s", "6m0s".
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 _PART = r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)"
@@ -327,11 +425,12 @@ class RateLimiter:
         self._correct = client.register_script(_CORRECT)
         self._cool_down = client.register_script(_COOL_DOWN)
         self._observe = client.register_script(_OBSERVE)
+        self._start = client.register_script(_START)
 
     def _keys(self, key: str) -> list[str]:
         # The braces are a Redis Cluster hash tag: one key's state always lives on one node.
         base = f"{self._prefix}:{{{key}}}"
-        return [f"{base}:rate", f"{base}:inflight"]
+        return [f"{base}:rate", f"{base}:inflight", f"{base}:sent"]
 
     def acquire(
         self,
@@ -353,7 +452,7 @@ class RateLimiter:
         if tokens < 0 or max_wait < 0 or lease_seconds <= 0:
             raise ValueError("tokens and max_wait must be >= 0 and lease_seconds > 0")
         raw = self._acquire(
-            keys=self._keys(key),
+            keys=self._keys(key)[:2],
             args=[
                 tokens,
                 repr(float(max_wait)),
@@ -372,6 +471,34 @@ class RateLimiter:
             wait=max(0.0, float(wait)),
             reason=reason.decode() if isinstance(reason, bytes) else str(reason),
         )
+
+    def start(
+        self, key: str, limits: Limits, *, tokens: int, call_id: str, max_wait: float = 2.0
+    ) -> Decision:
+        """Wait, if need be, until the call may start at once, then log its start.
+
+        Call it just before sending a call `acquire` granted (after sleeping until the slot):
+        the log holds the actual starts of every process, so a call that woke late (a slow
+        sleep, a busy interpreter, a deferred job back after its slot) waits until the last
+        interval has room instead of landing among the calls after it. Also waits out a
+        cool-down. Refused: it would take longer than `max_wait`; nothing is logged.
+        """
+        n_req, span_req = limits.interval_share(limits.rpm)
+        n_tok, span_tok = limits.interval_share(limits.tpm)
+        if not (n_req or n_tok):
+            return Decision(granted=True, wait=0.0, reason="ok")
+        rate, _, sent = self._keys(key)
+        args: list[str | int] = [tokens, call_id, n_req, repr(span_req), n_tok, repr(span_tok)]
+        waited = 0.0
+        while True:
+            granted, wait, reason = self._start(keys=[rate, sent], args=args)
+            wait = max(0.0, float(wait))
+            if int(granted):
+                return Decision(granted=True, wait=0.0, reason="ok")
+            if waited + wait > max_wait:
+                return Decision(granted=False, wait=wait, reason=_text(reason))
+            time.sleep(wait)
+            waited += wait
 
     def release(self, key: str, call_id: str) -> None:
         """Give back the call's concurrency slot; releasing twice is harmless."""
@@ -421,13 +548,14 @@ class RateLimiter:
 
     def state(self, key: str) -> dict[str, Any]:
         """The key's stored state and the Redis clock, for tests and debugging."""
-        rate, inflight = self._keys(key)
+        rate, inflight, sent = self._keys(key)
         with self._client.pipeline(transaction=True) as pipe:
             pipe.time()
             pipe.hgetall(rate)
             pipe.zrange(inflight, 0, -1, withscores=True)
             pipe.pttl(rate)
-            (seconds, micros), fields, members, ttl = pipe.execute()
+            pipe.zrange(sent, 0, -1, withscores=True)
+            (seconds, micros), fields, members, ttl, starts = pipe.execute()
         values = {_text(name): float(value) for name, value in fields.items()}
         return {
             "now": seconds + micros / 1e6,
@@ -438,6 +566,7 @@ class RateLimiter:
             "cooldown_until": values.get("cool"),
             "in_flight": {_text(member): float(expiry) for member, expiry in members},
             "ttl": ttl / 1000 if ttl >= 0 else None,
+            "starts": [start for _, start in starts],
         }
 
 

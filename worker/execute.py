@@ -133,6 +133,15 @@ def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
     try:
         if wait > 0:
             time.sleep(wait)
+        go = runtime.limiter.start(
+            route.limit_key,
+            route.limits,
+            tokens=reserved,
+            call_id=call_id,
+            max_wait=settings.limiter_max_wait_seconds,
+        )
+        if not go.granted:  # a long cool-down began meanwhile: the slot is lost, ask again
+            return _defer(runtime, claim, False, reserved, go.wait, go.reason)
         return _call(runtime, claim, route, reserved=reserved)
     finally:
         _advisory("release", lambda: runtime.limiter.release(route.limit_key, call_id))
@@ -223,8 +232,12 @@ def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | 
     if reserved is not None:
         limits, key = route.limits, route.limit_key
         if err is not None and err.status_code == 429:
-            # Every worker backs off at once, for as long as the upstream asked.
-            _advisory("cool-down", lambda: runtime.limiter.cool_down(key, err.retry_after or 1.0))
+            # Every worker backs off at once, for as long as the upstream asked; without a
+            # Retry-After, only until one call's share of the interval has passed.
+            pause = err.retry_after
+            if pause is None:
+                pause = limits.pause_after_429(reserved)
+            _advisory("cool-down", lambda: runtime.limiter.cool_down(key, pause))
         if completion is not None:
             usage = jobs.clean_usage(completion.usage) or {}
             actual = usage.get("total_tokens", reserved)

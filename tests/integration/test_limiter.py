@@ -27,9 +27,10 @@ pytestmark = pytest.mark.integration
 
 Send = tuple[float, int]  # (time.time() of the send, tokens)
 
-# One sender process: acquire -> sleep until the slot and "send" -> or back off; print the sends.
+# One sender process: acquire -> sleep until the slot (waking late by up to `late` seconds, one
+# call in five) -> pass the send log if `start` -> "send", or back off; print the sends.
 _SENDER = """
-import json, sys, time, uuid
+import json, random, sys, time, uuid
 import redis
 from chatjobs.limiter import Limits, RateLimiter
 
@@ -38,12 +39,17 @@ client = redis.Redis.from_url(cfg["url"])
 limiter = RateLimiter(client, prefix=cfg["prefix"])
 limits = Limits(**cfg["limits"])
 sizes, i, sent = cfg["tokens"], cfg["offset"], []
+rng = random.Random(cfg["offset"])
 time.sleep(max(0.0, cfg["start_at"] - time.time()))
 while time.time() < cfg["end_at"]:
     tokens = sizes[i % len(sizes)]
-    decision = limiter.acquire("shared", limits, tokens=tokens, call_id=uuid.uuid4().hex)
+    call_id = uuid.uuid4().hex
+    decision = limiter.acquire("shared", limits, tokens=tokens, call_id=call_id)
     if decision.granted:
-        time.sleep(decision.wait)
+        late = rng.uniform(0, cfg["late"]) if rng.random() < 0.2 else 0.0
+        time.sleep(decision.wait + late)
+        if cfg["start"]:
+            assert limiter.start("shared", limits, tokens=tokens, call_id=call_id).granted
         sent.append((time.time(), tokens))
         i += 1
     else:
@@ -82,13 +88,17 @@ def run_senders(
     *,
     seconds: float,
     tokens: Sequence[int] = (1,),
+    late: float = 0.0,
+    start: bool = False,
 ) -> tuple[float, list[Send]]:
     """Two sender processes sharing one key for `seconds`; returns the start and all sends."""
     # Other suites flush the shared test database (tests/conftest.py does at session start); a
     # flush mid-run wipes the shared schedule and voids the measurement, so detect it.
     sentinel = f"{prefix}:sentinel"
     client.set(sentinel, 1)
-    start_at = time.time() + 1.0  # both interpreters are up and imported by then
+    # Both interpreters are up and imported by then, even on a busy host (1 s was not enough
+    # at a load average of 15 on 2 cores).
+    start_at = time.time() + 3.0
     procs = []
     for offset in range(2):
         cfg = {
@@ -99,6 +109,8 @@ def run_senders(
             "offset": offset * (len(tokens) // 2),
             "start_at": start_at,
             "end_at": start_at + seconds,
+            "late": late,
+            "start": start,
         }
         procs.append(
             subprocess.Popen(
@@ -224,6 +236,95 @@ def test_a_refused_large_call_is_not_starved_by_small_ones(limiter: RateLimiter)
     assert not limiter.acquire("k", limits, tokens=10, call_id="s", max_wait=0.5).granted
     time.sleep(large.wait - 0.4)
     assert limiter.acquire("k", limits, tokens=300, call_id="l", max_wait=0.5).granted
+
+
+def test_calls_waking_late_in_two_processes_never_crowd_a_second_past_its_share(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    # 1,200 RPM is 20 calls in any second; one call in five wakes up to 0.3 s after its slot,
+    # into the second of the calls after it. The send log holds it until there is room.
+    _, sends = run_senders(redis_client, prefix, {"rpm": 1200}, seconds=5, late=0.3, start=True)
+
+    # The log counts 20 in any 1.0102 s of Redis time; 0.99 s here leaves 20 ms for the
+    # reply to reach the sender.
+    assert busiest(sends, 0.99) <= 20
+    assert len(sends) > 40  # the log had calls to hold back
+
+
+def test_two_processes_with_mixed_call_sizes_keep_each_second_within_its_tokens(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    # Zero-tolerance GCRA alone lets a second hold one call more than its share (three
+    # 48-token calls 0.49 s apart in 6,000 TPM); the send log does not.
+    sizes = [48, 30, 60, 10, 45]
+    _, sends = run_senders(
+        redis_client, prefix, {"tpm": 6000}, seconds=5, tokens=sizes, late=0.2, start=True
+    )
+
+    assert busiest(sends, 0.99, tokens=True) <= 100
+    assert len(sends) > 10
+
+
+# --- start (the send log) ---------------------------------------------------------------------
+
+
+def test_start_refuses_a_call_beyond_the_intervals_share_and_says_when_there_is_room(
+    limiter: RateLimiter,
+) -> None:
+    limits = Limits(rpm=600)  # 10 calls in any 1.0102 s
+    assert all(limiter.start("k", limits, tokens=1, call_id=f"c{i}").granted for i in range(10))
+    first = limiter.state("k")["starts"][0]
+
+    refused = limiter.start("k", limits, tokens=1, call_id="c10", max_wait=0)
+
+    assert (refused.granted, refused.reason) == (False, "requests")
+    now = limiter.state("k")["now"]
+    assert refused.wait == pytest.approx(first + 1.0102 - now, abs=0.01)
+    assert len(limiter.state("k")["starts"]) == 10  # a refusal logs nothing
+
+
+def test_start_waits_for_room_then_logs_the_call(limiter: RateLimiter) -> None:
+    limits = Limits(rpm=600)
+    for i in range(10):
+        limiter.start("k", limits, tokens=1, call_id=f"c{i}")
+
+    decision = limiter.start("k", limits, tokens=1, call_id="c10", max_wait=2)
+
+    assert decision.granted
+    starts = limiter.state("k")["starts"]
+    assert len([t for t in starts if t > starts[-1] - 1.0102]) <= 10
+
+
+def test_start_counts_the_tokens_of_the_last_interval(limiter: RateLimiter) -> None:
+    limits = Limits(tpm=6000)  # 100 tokens in any 1.0102 s
+    assert limiter.start("k", limits, tokens=60, call_id="a").granted
+    assert limiter.start("k", limits, tokens=30, call_id="b").granted
+
+    over = limiter.start("k", limits, tokens=20, call_id="c", max_wait=0)
+    fits = limiter.start("k", limits, tokens=10, call_id="d", max_wait=0)
+    # Larger than a whole interval's tokens: left to its GCRA slot rather than starved.
+    huge = limiter.start("k", limits, tokens=150, call_id="e", max_wait=0)
+
+    assert (over.granted, over.reason) == (False, "tokens")
+    assert over.wait == pytest.approx(1.0102, abs=0.05)
+    assert fits.granted and huge.granted
+
+
+def test_start_holds_a_granted_call_through_a_cool_down(limiter: RateLimiter) -> None:
+    limits = Limits(rpm=1000)
+    assert limiter.acquire("k", limits, tokens=1, call_id="c").granted
+    limiter.cool_down("k", 3)
+
+    decision = limiter.start("k", limits, tokens=1, call_id="c", max_wait=1)
+
+    assert (decision.granted, decision.reason) == (False, "cooldown")
+    assert decision.wait == pytest.approx(3, abs=0.1)
+
+
+def test_start_of_an_unlimited_route_needs_no_log(limiter: RateLimiter) -> None:
+    decision = limiter.start("k", Limits(max_concurrency=2), tokens=1, call_id="c", max_wait=0)
+    assert decision.granted
+    assert limiter.state("k")["starts"] == []
 
 
 # --- acquire ----------------------------------------------------------------------------------
