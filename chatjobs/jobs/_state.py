@@ -71,13 +71,21 @@ def transition(
             update(Job)
             .where(*where)
             .values(status=to, **values)
-            .returning(Job.id, Job.parent_id, *returning, Job.batch_id)
+            .returning(
+                Job.id,
+                Job.parent_id,
+                *returning,
+                Job.batch_id,
+                Job.webhook_url.is_not(None).label("hooked"),
+            )
             .execution_options(synchronize_session=False)
         ).all()
     )
     if rows and isinstance(to, JobStatus):
         if to in TERMINAL_STATUSES:
-            deliveries.queue_events(session, [row.id for row in rows], f"job.{to.value}")
+            # Only jobs that asked for a webhook: no statement at all for the rest.
+            hooked = [row.id for row in rows if row.hooked]
+            deliveries.queue_events(session, hooked, f"job.{to.value}")
             lines = [row.id for row in rows if row.batch_id is not None and row.parent_id is None]
             session.info.setdefault(_BATCH_LINES_KEY, []).extend(lines)
         pending = session.info.setdefault(_EVENTS_KEY, [])

@@ -4,8 +4,8 @@ Every write after the claim is fenced on ``claim_seq``, a number that only grows
 adds one; a deferral does not give it back), so a stale worker, a redelivered message or a
 retried commit can never write into someone else's attempt. Each claim makes at most one
 upstream call, logged under the key (job, claim_seq): the log insert is ON CONFLICT DO
-NOTHING and adds the call's tokens to the job in the same statement, so a commit retried
-after an ambiguous failure cannot count a call twice.
+NOTHING, and the call's tokens are added to the job only when it inserted, in the same
+transaction, so a commit retried after an ambiguous failure cannot count a call twice.
 """
 
 from __future__ import annotations
@@ -266,11 +266,16 @@ class Outcome:
     runnable: list[uuid.UUID]
 
 
-def _log_call(session: Session, claim: Claim, call: Call) -> bool:
-    """Insert the call's row and add its tokens to the job in one statement; False if this
-    claim's call was logged already (this is a retried commit)."""
+def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, Any] | None:
+    """Insert the call's row; returns the tokens to add to the job (none when the call
+    reported no usage), or None if this claim's call was logged already (a retried commit).
+
+    The caller adds them in the same transaction, in the UPDATE that records the outcome
+    (one new version of the job's row, not two), or on their own when that UPDATE is refused:
+    a call that was made was paid for, even when its result is refused.
+    """
     usage = clean_usage(call.usage) or {}
-    logged = (
+    logged = session.execute(
         insert(UpstreamCall)
         .values(
             job_id=claim.job_id,
@@ -287,27 +292,25 @@ def _log_call(session: Session, claim: Claim, call: Call) -> bool:
             error=storable(call.error),
         )
         .on_conflict_do_nothing(index_elements=["job_id", "claim_seq"])
-        .returning(
-            UpstreamCall.job_id,
-            UpstreamCall.prompt_tokens,
-            UpstreamCall.completion_tokens,
-            UpstreamCall.total_tokens,
-        )
-        .cte("logged")
-    )
-    # Unfenced: a call that was made was paid for, even when its result is refused.
-    added = session.execute(
-        update(Job)
-        .where(Job.id == logged.c.job_id)
-        .values(
-            prompt_tokens=Job.prompt_tokens + func.coalesce(logged.c.prompt_tokens, 0),
-            completion_tokens=Job.completion_tokens + func.coalesce(logged.c.completion_tokens, 0),
-            total_tokens=Job.total_tokens + func.coalesce(logged.c.total_tokens, 0),
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
+        .returning(UpstreamCall.id)
     ).one_or_none()
-    return added is not None
+    if logged is None:
+        return None
+    return {column: getattr(Job, column) + usage[column] for column in _USAGE if usage.get(column)}
+
+
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _add_usage(session: Session, job_id: uuid.UUID, tokens: dict[str, Any]) -> None:
+    """Add a logged call's tokens to its job whatever its state (unfenced)."""
+    if tokens:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(**tokens)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def error_record(error: UpstreamError) -> dict[str, Any]:
@@ -351,7 +354,8 @@ def record_outcome(
     lock first for a step (lock order: parent, then step).
     """
     steps.lock_parent(session, claim.parent_id)
-    if not _log_call(session, claim, call):
+    tokens = _log_call(session, claim, call)
+    if tokens is None:
         status = session.scalar(select(Job.status).where(Job.id == claim.job_id))
         return Outcome(f"recorded already ({status})", [])
     returning = (*_STEP, Job.error)
@@ -363,21 +367,36 @@ def record_outcome(
             result=storable(result),
             error=None,
             returning=returning,
+            **tokens,
         )
         status = JobStatus.succeeded
     elif error is None:
+        _add_usage(session, claim.job_id, tokens)
         return Outcome("abandoned", [])
     elif retry_in is not None:
         rows = transition(
-            session, _fence(claim), JobStatus.retrying, due_in=retry_in, error=error_record(error)
+            session,
+            _fence(claim),
+            JobStatus.retrying,
+            due_in=retry_in,
+            error=error_record(error),
+            **tokens,
         )
+        if not rows:
+            _add_usage(session, claim.job_id, tokens)
         return Outcome("retrying" if rows else "stale", [])
     else:
         rows = transition(
-            session, _fence(claim), JobStatus.failed, error=error_record(error), returning=returning
+            session,
+            _fence(claim),
+            JobStatus.failed,
+            error=error_record(error),
+            returning=returning,
+            **tokens,
         )
         status = JobStatus.failed
     if not rows:
+        _add_usage(session, claim.job_id, tokens)
         return Outcome("stale", [])
     return Outcome(status.value, _after_end(session, claim, rows, status))
 
