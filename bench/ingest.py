@@ -96,11 +96,10 @@ def profile_api(stack: Stack, clients: int, seconds: float) -> None:
         profile = pyspy.summarise(raw)
     print(
         f"profile api, {clients} clients, {elapsed:.1f}s under py-spy: {len(latencies)} requests "
-        f"({len(latencies) / elapsed:.0f}/s), {profile.samples} active samples at 100/s "
-        f"(~{profile.samples / 100 / max(1, len(latencies)) * 1000:.2f} ms per request)"
+        f"({len(latencies) / elapsed:.0f}/s), {profile.samples} samples holding the GIL at "
+        f"100/s (~{profile.samples / 100 / max(1, len(latencies)) * 1000:.2f} ms per request)"
     )
-    print(profile.table("own (innermost frame)", profile.own))
-    print(profile.table("inclusive (anywhere on the stack)", profile.inclusive), flush=True)
+    print(profile.report(), flush=True)
 
 
 def main() -> None:

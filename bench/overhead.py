@@ -132,8 +132,9 @@ def start_worker(stack: Stack, i: int, args: list[str]) -> Proc:
     return proc
 
 
-def _profile_drain(stack: Stack, conn: Any, seconds: float, top: int) -> str:
-    """py-spy the first worker for ``seconds``, 2 s after the first claim."""
+def _profile_drain(stack: Stack, conn: Any, seconds: float, top: int, keep: Path | None) -> str:
+    """py-spy the first worker for ``seconds``, 2 s after the first claim (the raw stacks
+    copied to ``keep``, when given)."""
     from bench import pyspy
 
     while conn.scalar(text("SELECT count(started_at) FROM jobs")) == 0:
@@ -150,6 +151,8 @@ def _profile_drain(stack: Stack, conn: Any, seconds: float, top: int) -> str:
             time.sleep(seconds)
             ended = time.time()
         profile = pyspy.summarise(raw, top=top)
+        if keep is not None:
+            keep.write_bytes(raw.read_bytes())
     done = conn.scalar(
         text(
             "SELECT count(*) FROM jobs WHERE completed_at BETWEEN to_timestamp(:a) "
@@ -162,10 +165,9 @@ def _profile_drain(stack: Stack, conn: Any, seconds: float, top: int) -> str:
     per_job = cpu_s / done * 1000 if done else 0.0
     return "\n".join(
         [
-            f"profile worker0 {ended - started:.1f}s: {profile.samples} active samples at 100/s "
-            f"(~{cpu_s:.1f} CPU-s), {done} jobs completed meanwhile, ~{per_job:.2f} ms/job",
-            profile.table("own (innermost frame)", profile.own),
-            profile.table("inclusive (anywhere on the stack)", profile.inclusive),
+            f"profile worker0 {ended - started:.1f}s: {profile.samples} samples holding the GIL "
+            f"at 100/s (~{cpu_s:.1f} s), {done} jobs completed meanwhile, ~{per_job:.2f} ms/job",
+            profile.report(),
         ]
     )
 
@@ -188,7 +190,7 @@ def drain(ns: argparse.Namespace) -> None:
             for i in range(ns.workers):
                 start_worker(stack, i, args)
             if ns.profile:
-                profile = _profile_drain(stack, conn, ns.profile, 20)
+                profile = _profile_drain(stack, conn, ns.profile, 20, ns.keep_profile)
             wait_finished(conn, ns.timeout)
             time.sleep(0.5)  # a sample after the last completion
             row = conn.execute(
@@ -237,6 +239,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=float, default=0, help="with --drain: py-spy worker0 for S seconds"
     )
+    parser.add_argument("--keep-profile", type=Path, help="file for py-spy's raw stacks")
     ns = parser.parse_args()
     if ns.drain:
         drain(ns)
