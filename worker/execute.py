@@ -137,7 +137,6 @@ def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
             route.limit_key,
             route.limits,
             tokens=reserved,
-            call_id=call_id,
             max_wait=settings.limiter_max_wait_seconds,
         )
         if not go.granted:  # a long cool-down began meanwhile: the slot is lost, ask again

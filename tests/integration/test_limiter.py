@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 Send = tuple[float, int]  # (time.time() of the send, tokens)
 
 # One sender process: acquire -> sleep until the slot (waking late by up to `late` seconds, one
-# call in five) -> pass the send log if `start` -> "send", or back off; print the sends.
+# call in five) -> pass the start pace if `start` -> "send", or back off; print the sends.
 _SENDER = """
 import json, random, sys, time, uuid
 import redis
@@ -49,7 +49,7 @@ while time.time() < cfg["end_at"]:
         late = rng.uniform(0, cfg["late"]) if rng.random() < 0.2 else 0.0
         time.sleep(decision.wait + late)
         if cfg["start"]:
-            assert limiter.start("shared", limits, tokens=tokens, call_id=call_id).granted
+            assert limiter.start("shared", limits, tokens=tokens).granted
         sent.append((time.time(), tokens))
         i += 1
     else:
@@ -242,72 +242,64 @@ def test_calls_waking_late_in_two_processes_never_crowd_a_second_past_its_share(
     redis_client: redis.Redis, prefix: str
 ) -> None:
     # 1,200 RPM is 20 calls in any second; one call in five wakes up to 0.3 s after its slot,
-    # into the second of the calls after it. The send log holds it until there is room.
+    # into the second of the calls after it. The start pace holds it until its turn.
     _, sends = run_senders(redis_client, prefix, {"rpm": 1200}, seconds=5, late=0.3, start=True)
 
-    # The log counts 20 in any 1.0102 s of Redis time; 0.99 s here leaves 20 ms for the
+    # Starts at least 1.0102 / 20 s apart in Redis time; 0.99 s here leaves 20 ms for the
     # reply to reach the sender.
     assert busiest(sends, 0.99) <= 20
-    assert len(sends) > 40  # the log had calls to hold back
+    assert len(sends) > 40  # the pace had calls to hold back
 
 
-def test_two_processes_with_mixed_call_sizes_keep_each_second_within_its_tokens(
+def test_two_processes_with_mixed_call_sizes_keep_each_second_near_its_tokens(
     redis_client: redis.Redis, prefix: str
 ) -> None:
-    # Zero-tolerance GCRA alone lets a second hold one call more than its share (three
-    # 48-token calls 0.49 s apart in 6,000 TPM); the send log does not.
     sizes = [48, 30, 60, 10, 45]
     _, sends = run_senders(
         redis_client, prefix, {"tpm": 6000}, seconds=5, tokens=sizes, late=0.2, start=True
     )
 
-    assert busiest(sends, 0.99, tokens=True) <= 100
+    # Paced per token at zero tolerance, like acquire: a second holds its share (100 tokens)
+    # and at most the call that starts at its end.
+    assert busiest(sends, 0.99, tokens=True) <= 100 + max(sizes)
     assert len(sends) > 10
 
 
-# --- start (the send log) ---------------------------------------------------------------------
+# --- start (the pace of actual starts) --------------------------------------------------------
 
 
-def test_start_refuses_a_call_beyond_the_intervals_share_and_says_when_there_is_room(
+def test_start_refuses_a_call_sooner_than_its_share_and_says_when_it_may_go(
     limiter: RateLimiter,
 ) -> None:
-    limits = Limits(rpm=600)  # 10 calls in any 1.0102 s
-    assert all(limiter.start("k", limits, tokens=1, call_id=f"c{i}").granted for i in range(10))
-    first = limiter.state("k")["starts"][0]
+    limits = Limits(rpm=600)  # 10 calls in 1.0102 s: one per 0.101 s
+    assert limiter.start("k", limits, tokens=1).granted
+    before = limiter.state("k")
 
-    refused = limiter.start("k", limits, tokens=1, call_id="c10", max_wait=0)
+    refused = limiter.start("k", limits, tokens=1, max_wait=0)
 
     assert (refused.granted, refused.reason) == (False, "requests")
-    now = limiter.state("k")["now"]
-    assert refused.wait == pytest.approx(first + 1.0102 - now, abs=0.01)
-    assert len(limiter.state("k")["starts"]) == 10  # a refusal logs nothing
+    assert refused.wait == pytest.approx(0.101, abs=0.02)
+    assert comparable(limiter.state("k")) == comparable(before)  # a refusal records nothing
 
 
-def test_start_waits_for_room_then_logs_the_call(limiter: RateLimiter) -> None:
+def test_start_waits_for_its_turn_then_records_the_call(limiter: RateLimiter) -> None:
     limits = Limits(rpm=600)
-    for i in range(10):
-        limiter.start("k", limits, tokens=1, call_id=f"c{i}")
+    assert limiter.start("k", limits, tokens=1).granted
 
-    decision = limiter.start("k", limits, tokens=1, call_id="c10", max_wait=2)
+    assert limiter.start("k", limits, tokens=1, max_wait=2).granted
 
-    assert decision.granted
-    starts = limiter.state("k")["starts"]
-    assert len([t for t in starts if t > starts[-1] - 1.0102]) <= 10
+    state = limiter.state("k")
+    assert state["requests_next_start"] == pytest.approx(state["now"] + 0.101, abs=0.02)
 
 
-def test_start_counts_the_tokens_of_the_last_interval(limiter: RateLimiter) -> None:
-    limits = Limits(tpm=6000)  # 100 tokens in any 1.0102 s
-    assert limiter.start("k", limits, tokens=60, call_id="a").granted
-    assert limiter.start("k", limits, tokens=30, call_id="b").granted
+def test_start_paces_tokens_by_the_size_of_the_last_call(limiter: RateLimiter) -> None:
+    limits = Limits(tpm=6000)  # 100 tokens per 1.0102 s
+    assert limiter.start("k", limits, tokens=60).granted
 
-    over = limiter.start("k", limits, tokens=20, call_id="c", max_wait=0)
-    fits = limiter.start("k", limits, tokens=10, call_id="d", max_wait=0)
-    # Larger than a whole interval's tokens: left to its GCRA slot rather than starved.
-    huge = limiter.start("k", limits, tokens=150, call_id="e", max_wait=0)
+    after_large = limiter.start("k", limits, tokens=10, max_wait=0)
 
-    assert (over.granted, over.reason) == (False, "tokens")
-    assert over.wait == pytest.approx(1.0102, abs=0.05)
-    assert fits.granted and huge.granted
+    assert (after_large.granted, after_large.reason) == (False, "tokens")
+    assert after_large.wait == pytest.approx(0.606, abs=0.02)
 
 
 def test_start_holds_a_granted_call_through_a_cool_down(limiter: RateLimiter) -> None:
@@ -315,16 +307,16 @@ def test_start_holds_a_granted_call_through_a_cool_down(limiter: RateLimiter) ->
     assert limiter.acquire("k", limits, tokens=1, call_id="c").granted
     limiter.cool_down("k", 3)
 
-    decision = limiter.start("k", limits, tokens=1, call_id="c", max_wait=1)
+    decision = limiter.start("k", limits, tokens=1, max_wait=1)
 
     assert (decision.granted, decision.reason) == (False, "cooldown")
     assert decision.wait == pytest.approx(3, abs=0.1)
 
 
-def test_start_of_an_unlimited_route_needs_no_log(limiter: RateLimiter) -> None:
-    decision = limiter.start("k", Limits(max_concurrency=2), tokens=1, call_id="c", max_wait=0)
+def test_start_of_an_unlimited_route_records_nothing(limiter: RateLimiter) -> None:
+    decision = limiter.start("k", Limits(max_concurrency=2), tokens=1, max_wait=0)
     assert decision.granted
-    assert limiter.state("k")["starts"] == []
+    assert limiter.state("k")["requests_next_start"] is None
 
 
 # --- acquire ----------------------------------------------------------------------------------
