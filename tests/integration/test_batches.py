@@ -77,13 +77,13 @@ def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 60) -> Any
             return batch
         time.sleep(0.2)
     lines = sql(
-        "SELECT status, held, next_attempt_at IS NULL, count(*) FROM jobs WHERE batch_id = :b "
-        "GROUP BY 1, 2, 3",
+        "SELECT status, next_attempt_at IS NULL, count(*) FROM jobs WHERE batch_id = :b "
+        "GROUP BY 1, 2",
         b=batch_id,
     )
     raise AssertionError(
         f"batch {batch_id} not final within {timeout}s: {seen[-1].status}; lines (status, "
-        f"held, undelayed, count): {[tuple(r) for r in lines]}"
+        f"admitted, count): {[tuple(r) for r in lines]}"
     )
 
 
@@ -257,12 +257,13 @@ def test_bad_requests_to_the_endpoints_are_4xx_the_sdk_does_not_retry(
             "endpoint": "/v1/chat/completions",
             "completion_window": "24h",
         }
-        for hostile, param in [
+        hostile_cases: list[tuple[dict[str, Any], str]] = [
             ({"metadata": {"a": "x\u0000"}}, "metadata.a"),
             ({"metadata": {"a\u0000": "x"}}, "metadata"),
             ({"input_file_id": "file-\u0000"}, "input_file_id"),
             ({"metadata": {"k": "\ud800"}}, "metadata.k"),
-        ]:
+        ]
+        for hostile, param in hostile_cases:
             answer = h.post(
                 "/v1/batches",
                 content=json.dumps({**valid, **hostile}).encode(),  # \u escapes, as sent
@@ -406,9 +407,7 @@ def test_idempotency_key_makes_one_batch(oai: openai.OpenAI) -> None:
 def test_a_killed_worker_and_a_flushed_redis_mid_batch_end_every_line_once(
     make_stack: Make, api_key: str, private_redis: Server
 ) -> None:
-    stack = make_stack(
-        workers=[["--concurrency", "16"]], env={"CHATJOBS_BATCH_RELEASE_WINDOW": "16"}
-    )
+    stack = make_stack(workers=[["--concurrency", "16"]], env={"CHATJOBS_DISPATCH_WINDOW": "16"})
     marker = uuid.uuid4().hex
     rows = [line(f"k-{i}", marker, latency=0.5) for i in range(200)]
     with sdk(stack.url, api_key) as client:
