@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -31,16 +32,40 @@ from sqlalchemy.orm import Mapped, mapped_column
 from chatjobs.db import Base
 
 
+_last_uuid7 = 0
+_uuid7_lock = threading.Lock()
+_RAND_B = (1 << 62) - 1
+
+
 def uuid7() -> uuid.UUID:
-    """A time-ordered UUID (RFC 9562 v7), so ids sort by creation for cursor pagination."""
+    """A time-ordered UUID (RFC 9562 v7), so ids sort by creation for cursor pagination and
+    FIFO. Monotonic within a process (RFC 9562 method 2): an id made in the same millisecond
+    as the last is the last plus one, so a batch's lines keep their file order."""
+    global _last_uuid7
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
     value |= ((rand >> 62) & 0xFFF) << 64
     value |= 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
+    value |= rand & _RAND_B
+    with _uuid7_lock:
+        if value <= _last_uuid7:
+            value = _after(_last_uuid7)
+        _last_uuid7 = value
     return uuid.UUID(int=value)
+
+
+def _after(value: int) -> int:
+    """The next v7 id after ``value``: one more in its random bits, carried past the
+    version and variant bits."""
+    if value & _RAND_B != _RAND_B:
+        return value + 1
+    rand_a = (value >> 64) & 0xFFF
+    if rand_a != 0xFFF:
+        return (value & ~((0xFFF << 64) | _RAND_B)) | ((rand_a + 1) << 64)
+    ms = (value >> 80) + 1
+    return (ms << 80) | (0x7 << 76) | (0b10 << 62)
 
 
 class JobStatus(enum.StrEnum):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -82,3 +83,17 @@ def test_small_integer_fields_are_strict(field: str, value: object) -> None:
     body = {"request": {"messages": [{"role": "user", "content": "x"}]}, field: value}
     with pytest.raises(ValidationError):
         JobCreate.model_validate(body)
+
+
+def test_uuid7_is_monotonic_within_a_process_even_within_one_millisecond() -> None:
+    from chatjobs.models import _after, uuid7
+
+    ids = [uuid7() for _ in range(20_000)]  # many per millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert {i.version for i in ids} == {7}
+    # Carries past the full random bits keep the version and variant.
+    full_b = ids[-1].int | ((1 << 62) - 1)
+    full_ab = full_b | (0xFFF << 64)
+    for value in (full_b, full_ab):
+        after = uuid.UUID(int=_after(value))
+        assert after.int > value and after.version == 7 and after.variant == uuid.RFC_4122
