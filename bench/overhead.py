@@ -9,7 +9,7 @@ p50 and p99 queue wait (created_at to started_at), and upstream calls seen by th
 ``--drain``: every job is submitted before any worker runs (beat's dispatcher admits a
 window of them to the broker, nothing consumes), then the workers start; jobs/s is from the
 first claim (min started_at) to the last success (max completed_at), and the CPU of each
-process over exactly that span (sampled every 0.2 s), per job. ``--profile S`` records the
+process over that span (sampled every second), per job. ``--profile S`` records the
 first worker with py-spy (active samples) for S seconds from 2 s after the first claim and
 prints its top functions; that run's jobs/s is py-spy's as much as the stack's.
 """
@@ -86,7 +86,7 @@ class CpuSampler:
     seconds, so a span found afterwards (first claim to last success, from Postgres's
     timestamps on this host's clock) gets its own figures."""
 
-    def __init__(self, stack: Stack, every: float = 0.2) -> None:
+    def __init__(self, stack: Stack, every: float = 1.0) -> None:
         self.stack, self.every = stack, every
         self.times: list[float] = []
         self.samples: list[dict[str, float]] = []
