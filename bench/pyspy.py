@@ -92,13 +92,17 @@ def _function(frame: str) -> tuple[str, str]:
     """``name (path/to/file.py:123)`` -> (``name (path/to/file.py)``, path): lines merged."""
     name, _, where = frame.partition(" (")
     path = where.rstrip(")").rsplit(":", 1)[0]
-    # Site-packages and the standard library by their package path only.
+    # Site-packages and the standard library by their package path only (celery/worker/...
+    # stays celery's); chatjobs' own files from the checkout's root.
     for marker in ("site-packages/", "lib/python3.11/"):
         if marker in path:
-            path = path.split(marker, 1)[1]
+            return f"{name} ({path.split(marker, 1)[1]})", path.split(marker, 1)[1]
     for ours in _OURS:
-        if f"/{ours}" in path:
+        if path.startswith(ours):
+            break
+        if path.startswith("/") and f"/{ours}" in path:  # py-spy shortens packages' paths
             path = ours + path.split(f"/{ours}", 1)[1]
+            break
     return (f"{name} ({path})" if path else name), path
 
 
