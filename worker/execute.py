@@ -39,7 +39,7 @@ def run_job(job_id: uuid.UUID) -> str:
     try:
         return _run_job(job_id)
     finally:
-        jobs.poke()
+        jobs.finished(job_id)
 
 
 def _run_job(job_id: uuid.UUID) -> str:

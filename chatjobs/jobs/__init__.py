@@ -41,6 +41,7 @@ from chatjobs.jobs.dispatch import (
     Admitted,
     admit,
     consumed,
+    finished,
     poke,
     publish,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "defer_job",
     "error_record",
     "fail_attempt",
+    "finished",
     "get_job",
     "get_status",
     "list_jobs",

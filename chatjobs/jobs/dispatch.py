@@ -91,11 +91,26 @@ def publish(job_ids: Sequence[uuid.UUID]) -> None:
 
 
 def consumed(job_id: uuid.UUID) -> None:
-    """A worker took this job's message: the broker no longer holds one for it."""
+    """A worker took this job's message: the broker no longer holds one for it. The record
+    stays, marked taken (a negative score: minus the time), until the attempt is over, so
+    a dispatcher can tell a job being claimed from one whose taker died before claiming."""
     try:
-        _redis().zrem(_published_key(), str(job_id))
+        _redis().zadd(_published_key(), {str(job_id): -time.time()})
     except redis.RedisError:
         log.debug("could not mark job %s consumed", job_id, exc_info=True)
+
+
+def finished(job_id: uuid.UUID) -> None:
+    """A worker is done with this job's message: drop its record and wake a dispatcher (a
+    slot is free), in one round trip. Never raises."""
+    try:
+        pipe = _redis().pipeline(transaction=False)
+        pipe.zrem(_published_key(), str(job_id))
+        pipe.lpush(_poke_key(), 1)
+        pipe.ltrim(_poke_key(), 0, 0)
+        pipe.execute()
+    except redis.RedisError:
+        log.debug("could not close job %s's record; its tick will", job_id, exc_info=True)
 
 
 def in_broker(job_ids: Sequence[uuid.UUID]) -> list[bool]:
@@ -313,13 +328,14 @@ def admit(*, session: Session, now: float | None = None) -> Admitted:
     admitted = session.execute(
         _ADMITTED, {"queue": queue, "limit": _ADMITTED_READ, "lost_after": _LOST_AFTER}
     ).all()
-    present = in_broker([row.id for row in admitted])
-    lost = [row.id for row, here in zip(admitted, present, strict=True) if not here and row.old]
+    lost = set(_lost([row.id for row in admitted if row.old], now))
     readmitted = 0
     if lost:
-        readmitted = len(session.execute(_READMIT, {"ids": lost, "lost_after": _LOST_AFTER}).all())
+        readmitted = len(
+            session.execute(_READMIT, {"ids": list(lost), "lost_after": _LOST_AFTER}).all()
+        )
         log.warning("%d admitted jobs had no broker message; admitting them again", readmitted)
-    waiting = [row for row, here in zip(admitted, present, strict=True) if here]
+    waiting = [row for row in admitted if row.id not in lost]
     room = window() - len(waiting)
     if room <= 0:
         return Admitted([], room, False, readmitted)
@@ -371,6 +387,46 @@ def admit(*, session: Session, now: float | None = None) -> Admitted:
     )
     session.execute(_SAVE_CLOCK, {"queue": queue, "vtime": choice.vtime})
     return Admitted(order, room, more, readmitted)
+
+
+# Job ids whose record says "published" but whose message was not in the broker's list,
+# with when that was first seen: lost only if still so at a later read (a worker between
+# taking a message and marking it taken is not mistaken for a dead one).
+_suspects: dict[uuid.UUID, float] = {}
+_SUSPECT_FOR = 2.0
+_LIST_READ = 10_000
+
+
+def _lost(job_ids: list[uuid.UUID], now: float) -> list[uuid.UUID]:
+    """Of admitted jobs untouched for a while, those whose message is gone.
+
+    Its record tells: none (a flush, or a publish that failed), or taken by a worker that
+    never claimed the job (it died between the two), or published and no longer in the
+    broker's list (taken by a worker that died before marking it). The list is short, as the
+    dispatcher keeps it to a window, so it is read whole, and only when a record says
+    published for longer than ``_LOST_AFTER``.
+    """
+    if not job_ids:
+        _suspects.clear()
+        return []
+    scores = _redis().zmscore(_published_key(), [str(j) for j in job_ids])
+    lost, published = [], []
+    for job_id, score in zip(job_ids, scores, strict=True):
+        if score is None or (score < 0 and now + score > _LOST_AFTER.total_seconds()):
+            lost.append(job_id)
+        elif score > 0:
+            published.append(job_id)
+    if published:
+        messages = _redis().lrange(get_settings().queue_name, 0, _LIST_READ - 1)
+        queued = b"\0".join(m if isinstance(m, bytes) else m.encode() for m in messages)
+        gone = {job_id for job_id in published if str(job_id).encode() not in queued}
+        for job_id in list(_suspects):
+            if job_id not in gone:
+                del _suspects[job_id]
+        for job_id in gone:
+            if now - _suspects.setdefault(job_id, now) >= _SUSPECT_FOR:
+                lost.append(job_id)
+    return lost
 
 
 def _state(row: Any, settings: Settings, now: float) -> fairness.TenantState:
