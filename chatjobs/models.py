@@ -31,7 +31,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from chatjobs.db import Base
 
-
 _last_uuid7 = 0
 _uuid7_lock = threading.Lock()
 _RAND_B = (1 << 62) - 1
