@@ -101,30 +101,28 @@ def _keys_revoke(ns: argparse.Namespace) -> None:
     )
 
 
-def _limit(text: str) -> int | None:
-    """A limit for `tenants set`: a number (0 = no limit) or `default`."""
+def _whole(text: str, low: int, high: int | None, rule: str) -> int | None:
+    """A whole number from ``low`` to ``high`` (None: no top) for `tenants set`, or
+    `default`; ``rule`` is the error for one out of range."""
     if text.strip().lower() == "default":
         return None
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("a limit is 0 (no limit) or more")
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(rule)
     return value
+
+
+def _limit(text: str) -> int | None:
+    """A limit for `tenants set`: a number (0 = no limit) or `default`."""
+    return _whole(text, 0, None, "a limit is 0 (no limit) or more")
 
 
 def _weight(text: str) -> int | None:
     """A fair-share weight for `tenants set`: a whole number from 1, or `default`."""
-    if text.strip().lower() == "default":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number or 'default'") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError("a weight is from 1 to 1000")
-    return value
+    return _whole(text, 1, 1000, "a weight is from 1 to 1000")
 
 
 def _share(text: str) -> float | None:

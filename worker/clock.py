@@ -41,7 +41,7 @@ def dispatch_forever(stop: threading.Event, *, worker: str | None = None, slots:
     registered, which sizes the broker's window.
     """
     interval = get_settings().dispatch_interval_seconds
-    registered = 0.0
+    registered = delivered = 0.0
     while not stop.is_set():
         if worker is not None and time.monotonic() - registered > _REGISTER_EVERY:
             try:
@@ -49,8 +49,12 @@ def dispatch_forever(stop: threading.Event, *, worker: str | None = None, slots:
                 registered = time.monotonic()
             except Exception:
                 log.warning("could not register this worker's slots", exc_info=True)
+        # Webhook deliveries fall due by the clock alone: once an interval, not on every poke.
+        deliveries_due = time.monotonic() - delivered >= interval
         try:
-            admitted = execute.dispatch_due()
+            admitted = execute.dispatch_due(with_deliveries=deliveries_due)
+            if deliveries_due:
+                delivered = time.monotonic()
         except Exception:
             log.warning("dispatch failed; retrying in %.1fs", interval, exc_info=True)
             stop.wait(interval)

@@ -342,12 +342,12 @@ def retry_delay(attempt: int, retry_after: float | None) -> float:
     return max(backoff, min(retry_after, settings.retry_after_cap_seconds))
 
 
-def dispatch_due() -> jobs.Admitted:
-    """One dispatcher pass: admit the next jobs in fair order and publish the webhook
-    deliveries whose delay is over; rows first, then messages."""
+def dispatch_due(*, with_deliveries: bool = True) -> jobs.Admitted:
+    """One dispatcher pass: admit the next jobs in fair order and, ``with_deliveries``,
+    publish the webhook deliveries whose delay is over; rows first, then messages."""
     with session_scope() as session:
         admitted = jobs.admit(session=session)
-        due_deliveries = deliveries.take_due(session)
+        due_deliveries = deliveries.take_due(session) if with_deliveries else []
     if admitted.ids:
         try:
             jobs.publish(admitted.ids)
