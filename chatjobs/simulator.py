@@ -834,7 +834,9 @@ class _Call:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.body: Any = None
+        # A dict even for a request whose client left before its body was read, so call-log
+        # consumers can always do `body.get(...)`.
+        self.body: dict[str, Any] = {}
         self.xsim: dict[str, Any] = {}
         self.malformed = False
         self.prompt_tokens = 0

@@ -861,3 +861,9 @@ def test_real_server_with_openai_sdk() -> None:
             time.sleep(0.02)
         assert stats["in_flight"] == 0 and stats["disconnected"] == 1
         assert httpx.get(f"{base}/_sim/calls", params={"limit": 1}).json()[0]["status"] == 499
+
+
+def test_a_call_whose_client_left_before_its_body_is_logged_with_an_empty_body() -> None:
+    from chatjobs.simulator import _Call
+
+    assert _Call("req_1").body == {}
