@@ -31,6 +31,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # A plain `celery -A worker worker` consumes every queue listed here.
         task_queues=[
             Queue(settings.queue_name),
+            Queue(express_queue(settings)),
             Queue(control_queue(settings)),
             Queue(webhook_queue(settings)),
         ],
@@ -73,6 +74,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
+def express_queue(settings: Settings) -> str:
+    """Jobs admitted above the priority of those already waiting in the broker ride here,
+    so they do not wait behind the broker's window of lower-priority messages. A worker
+    consumes its queues round robin, moving the one it last took from to the back, so a
+    message here is taken at the next free slot."""
+    return f"{settings.queue_name}-express"
+
+
 def control_queue(settings: Settings) -> str:
     return f"{settings.queue_name}-control"
 
@@ -86,10 +95,12 @@ def get_producer() -> Celery:
     return make_celery()
 
 
-def enqueue_jobs(job_ids: Iterable[uuid.UUID]) -> None:
-    """Publish one wake-up per job. Call only after the rows have committed."""
+def enqueue_jobs(job_ids: Iterable[uuid.UUID], *, express: bool = False) -> None:
+    """Publish one wake-up per job (on the express queue: ahead of the window). Call only
+    after the rows have committed."""
     app = get_producer()
-    queue = get_settings().queue_name
+    settings = get_settings()
+    queue = express_queue(settings) if express else settings.queue_name
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
             app.send_task(RUN_JOB, args=[str(job_id)], queue=queue, producer=producer)

@@ -350,7 +350,7 @@ def dispatch_due(*, with_deliveries: bool = True) -> jobs.Admitted:
         due_deliveries = deliveries.take_due(session) if with_deliveries else []
     if admitted.ids:
         try:
-            jobs.publish(admitted.ids)
+            jobs.publish(admitted.ids, express=admitted.express)
         except Exception:
             # Admitted and unpublished: the next pass finds them missing from the broker.
             log.exception("%d jobs admitted but not published", len(admitted.ids))

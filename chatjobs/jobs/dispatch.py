@@ -7,7 +7,8 @@ by priority, then weighted fair share between tenants in estimated tokens, then 
 own order (chatjobs.jobs.fairness), as many as the broker has room for (``window``: about the
 live worker slots), and clears ``next_attempt_at``; the caller publishes them once committed.
 So the broker holds a few hundred messages, never a tenant's whole backlog, and a job
-submitted after 50,000 others waits behind a window of them, not all of them.
+submitted after 50,000 others waits behind a window of them, not all of them; and one that
+outranks a job already in the broker rides the express queue, behind none of them.
 
 Dispatchers run in every worker process and in beat; an advisory lock lets one pass at a
 time, so any may die. A submission or a finished job pokes them (``poke``) so no pass waits
@@ -29,7 +30,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -42,7 +43,7 @@ from sqlalchemy.orm import Session
 from chatjobs.jobs import fairness
 from chatjobs.jobs._state import PENDING
 from chatjobs.models import Job
-from chatjobs.queue import enqueue_jobs
+from chatjobs.queue import enqueue_jobs, express_queue
 from chatjobs.routing import route_for
 from chatjobs.settings import Settings, get_settings
 
@@ -62,8 +63,9 @@ def _redis() -> redis.Redis:
     return redis.Redis.from_url(get_settings().redis_url, socket_timeout=2)
 
 
-def publish(job_ids: Sequence[uuid.UUID]) -> None:
+def publish(job_ids: Sequence[uuid.UUID], *, express: Collection[uuid.UUID] = ()) -> None:
     """Publish one wake-up per job and record it. Call only after the rows have committed.
+    The ``express`` ones go on the express queue, ahead of the broker's window.
 
     Recorded first, published second: a worker may take the message (and remove the record)
     the moment it is published, and a record written after that would say the broker holds
@@ -82,7 +84,9 @@ def publish(job_ids: Sequence[uuid.UUID]) -> None:
         recorded = False
         log.warning("publishing %d jobs without recording it", len(job_ids), exc_info=True)
     try:
-        enqueue_jobs(job_ids)
+        fast = set(express)
+        enqueue_jobs([job_id for job_id in job_ids if job_id in fast], express=True)
+        enqueue_jobs([job_id for job_id in job_ids if job_id not in fast])
     except Exception:
         if recorded:
             with contextlib.suppress(redis.RedisError):
@@ -206,7 +210,7 @@ _MIN_WINDOW = 16
 
 _ADMITTED = text(
     """
-    SELECT id, tenant_id, model, cost, updated_at < now() - :lost_after AS old
+    SELECT id, tenant_id, model, cost, priority, updated_at < now() - :lost_after AS old
     FROM jobs
     WHERE queue = :queue AND status IN ('queued', 'retrying') AND next_attempt_at IS NULL
     LIMIT :limit
@@ -292,12 +296,14 @@ _SAVE_CLOCK = text(
 @dataclass(frozen=True)
 class Admitted:
     """What one dispatcher pass did: the jobs admitted (to publish once committed, in this
-    order), the room it had, and whether a tenant may have more waiting than it read."""
+    order; the ``express`` ones outrank a job the broker already holds, so they go on the
+    express queue), the room it had, and whether a tenant may have more waiting than it read."""
 
     ids: list[uuid.UUID]
     room: int
     more: bool
     readmitted: int = 0
+    express: frozenset[uuid.UUID] = frozenset()
 
 
 def _lock_key(queue: str) -> int:
@@ -375,6 +381,14 @@ def admit(*, session: Session, now: float | None = None) -> Admitted:
     ids = list(session.scalars(_ADMIT, {"ids": [job.id for job in choice.jobs]}))
     kept = set(ids)
     order = [job.id for job in choice.jobs if job.id in kept]
+    # The broker's list is FIFO: a job above the lowest priority it holds would wait behind
+    # a window of lesser work (a second or more), so it takes the express queue instead.
+    floor = min((row.priority for row in waiting), default=None)
+    express = frozenset(
+        job.id
+        for job in choice.jobs
+        if job.id in kept and floor is not None and job.priority > floor
+    )
     served = sorted({job.tenant_id for job in choice.jobs})
     session.execute(
         _SAVE_SHARES,
@@ -386,7 +400,7 @@ def admit(*, session: Session, now: float | None = None) -> Admitted:
         },
     )
     session.execute(_SAVE_CLOCK, {"queue": queue, "vtime": choice.vtime})
-    return Admitted(order, room, more, readmitted)
+    return Admitted(order, room, more, readmitted, express)
 
 
 # Job ids whose record says "published" but whose message was not in the broker's list,
@@ -417,7 +431,11 @@ def _lost(job_ids: list[uuid.UUID], now: float) -> list[uuid.UUID]:
         elif score > 0:
             published.append(job_id)
     if published:
-        messages = _redis().lrange(get_settings().queue_name, 0, _LIST_READ - 1)
+        settings = get_settings()
+        pipe = _redis().pipeline(transaction=False)
+        for name in (settings.queue_name, express_queue(settings)):
+            pipe.lrange(name, 0, _LIST_READ - 1)
+        messages = [m for listed in pipe.execute() for m in listed]
         queued = b"\0".join(m if isinstance(m, bytes) else m.encode() for m in messages)
         gone = {job_id for job_id in published if str(job_id).encode() not in queued}
         for job_id in list(_suspects):

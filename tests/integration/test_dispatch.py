@@ -19,12 +19,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import insert, select, text, update
 
 from chatjobs import jobs
 from chatjobs.db import session_scope
 from chatjobs.jobs import dispatch
 from chatjobs.models import Job, JobStatus, Tenant, uuid7
+from chatjobs.queue import express_queue
 from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
 from chatjobs.tenants import create_key, set_limits
@@ -168,6 +170,35 @@ def test_a_higher_priority_job_after_5000_low_priority_ones_is_in_the_next_admis
     mine = submit(crowd, priority=10)
     theirs = submit(new_tenant(), priority=1)
     assert admit().ids[:2] == [mine, theirs]
+
+
+def test_a_job_above_the_lowest_priority_in_the_broker_takes_the_express_queue(
+    window: Callable[[int], None], tenant: uuid.UUID
+) -> None:
+    window(4)
+    low = backlog(tenant, 10, priority=-50)
+    first = admit()
+    assert first.ids == low[:4] and first.express == frozenset()  # nothing to overtake
+    dispatch.publish(first.ids, express=first.express)
+    settings = get_settings()
+    broker = redis.Redis.from_url(settings.redis_url)
+    broker.rpop(settings.queue_name)  # a worker takes one: room for one more
+    dispatch.consumed(low[0])
+    with session_scope() as session:
+        assert jobs.claim_job(session=session, job_id=low[0], worker="test:1") is not None
+    urgent = submit(new_tenant(), priority=50)
+    level = submit(new_tenant(), priority=-50)
+    done = admit()
+    assert done.ids == [urgent] and done.express == {urgent}
+    dispatch.publish(done.ids, express=done.express)
+    assert broker.llen(express_queue(settings)) == 1
+    assert broker.llen(settings.queue_name) == 3  # the window's three untaken messages
+    # A job at the broker's lowest priority queues behind the window as usual.
+    finish(low[1:4])
+    for job_id in low[1:4]:
+        dispatch.finished(job_id)
+    later = admit()
+    assert level in later.ids and level not in later.express
 
 
 def test_batch_lines_go_after_single_jobs_of_their_own_and_other_tenants(
