@@ -1,0 +1,1 @@
+"""Schedules: cron fire times, template variables and the firing decisions, all pure."""
