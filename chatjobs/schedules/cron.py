@@ -288,20 +288,27 @@ def validate(expression: str, timezone: str) -> tuple[Cron, zoneinfo.ZoneInfo]:
 # --- fire times -----------------------------------------------------------------------------
 
 
+def fires_after(expression: str, timezone: str, after_utc: datetime) -> Iterator[datetime]:
+    """Every fire instant (UTC) strictly after ``after_utc``, ascending, up to 50 years on."""
+    cron, zone = parse_cron(expression), check_timezone(timezone)
+    after = _as_utc(after_utc).replace(tzinfo=None)  # checked now, not at the first next()
+    return (instant.replace(tzinfo=UTC) for instant in _instants(cron, zone, after))
+
+
 def next_fire(expression: str, timezone: str, after_utc: datetime) -> datetime:
     """The first fire instant (UTC) strictly after ``after_utc``.
 
     Raises InvalidCron if there is none within 50 years (only near the end of the calendar: an
     expression that parses always fires within 8 years).
     """
-    for instant in _fires(expression, timezone, after_utc):
+    for instant in fires_after(expression, timezone, after_utc):
         return instant
     raise InvalidCron(f"cron: no fire time within 50 years after {after_utc.isoformat()}")
 
 
 def next_fire_times(expression: str, timezone: str, after_utc: datetime, n: int) -> list[datetime]:
     """The first ``n`` fire instants (UTC) strictly after ``after_utc`` (fewer at the horizon)."""
-    return list(itertools.islice(_fires(expression, timezone, after_utc), max(n, 0)))
+    return list(itertools.islice(fires_after(expression, timezone, after_utc), max(n, 0)))
 
 
 def fires_between(
@@ -311,7 +318,7 @@ def fires_between(
     end = _as_utc(end_utc)
     if limit <= 0:
         return
-    for count, instant in enumerate(_fires(expression, timezone, start_utc - _TICK), 1):
+    for count, instant in enumerate(fires_after(expression, timezone, start_utc - _TICK), 1):
         if instant >= end:
             return
         yield instant
@@ -329,7 +336,7 @@ def previous_fire(expression: str, timezone: str, before_utc: datetime) -> datet
     span = timedelta(minutes=2)
     while span <= HORIZON:
         last = None
-        for instant in _fires(expression, timezone, before - span):
+        for instant in fires_after(expression, timezone, before - span):
             if instant >= before:
                 break
             last = instant
@@ -343,13 +350,6 @@ def _as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"a naive datetime is ambiguous here: {moment.isoformat()}")
     return moment.astimezone(UTC)
-
-
-def _fires(expression: str, timezone: str, after_utc: datetime) -> Iterator[datetime]:
-    cron, zone = parse_cron(expression), check_timezone(timezone)
-    after = _as_utc(after_utc).replace(tzinfo=None)
-    for instant in _instants(cron, zone, after):
-        yield instant.replace(tzinfo=UTC)
 
 
 def _instants(cron: Cron, zone: zoneinfo.ZoneInfo, after: datetime) -> Iterator[datetime]:
