@@ -115,10 +115,28 @@ def registry_overrides() -> dict[str, dict[str, Any]]:
     }
 
 
+# Routes already built, each with the settings and models file it was built from (a test or
+# a reload that replaces either makes it stale). Bounded: model names come from requests.
+_routes: dict[str, tuple[Settings, dict[str, ModelEntry], Route]] = {}
+_ROUTES_KEPT = 4096
+
+
 def route_for(model: str) -> Route:
-    """The route for a model: its own table, else the ``*`` table, else the environment."""
-    settings = get_settings()
-    entries = model_entries()
+    """The route for a model: its own table, else the ``*`` table, else the environment.
+
+    Built once per model (the dispatcher asks for every job it looks at)."""
+    settings, entries = get_settings(), model_entries()
+    kept = _routes.get(model)
+    if kept is not None and kept[0] is settings and kept[1] is entries:
+        return kept[2]
+    route = _build_route(model, settings, entries)
+    if len(_routes) >= _ROUTES_KEPT:
+        _routes.clear()
+    _routes[model] = (settings, entries, route)
+    return route
+
+
+def _build_route(model: str, settings: Settings, entries: dict[str, ModelEntry]) -> Route:
     entry = entries.get(model) or ModelEntry()
     fallback = entries.get("*") or ModelEntry()
 

@@ -41,8 +41,14 @@ def dispatch_forever(stop: threading.Event, *, worker: str | None = None, slots:
     registered, which sizes the broker's window.
     """
     interval = get_settings().dispatch_interval_seconds
-    registered = delivered = 0.0
+    registered = delivered = last_pass = 0.0
     while not stop.is_set():
+        # Every finished job pokes: passes at most every _PASS_GAP gather the pokes between
+        # them, so a busy system admits several jobs a pass instead of one a pass per job.
+        since = time.monotonic() - last_pass
+        if since < _PASS_GAP and stop.wait(_PASS_GAP - since):
+            break
+        last_pass = time.monotonic()
         if worker is not None and time.monotonic() - registered > _REGISTER_EVERY:
             try:
                 dispatch.register_slots(worker, slots, ttl=3 * _REGISTER_EVERY)
@@ -65,6 +71,9 @@ def dispatch_forever(stop: threading.Event, *, worker: str | None = None, slots:
 
 
 _REGISTER_EVERY = 10.0
+# The shortest time between two passes of one dispatcher (and so the most a submission to an
+# idle system can wait for a pass beyond its poke).
+_PASS_GAP = 0.02
 
 
 def start_dispatcher(
