@@ -475,7 +475,7 @@ def test_fire_times_increase_and_match_the_expression_in_local_time(
     expression: str, zone: str, after: datetime
 ) -> None:
     cron, tz = parse_cron(expression), ZoneInfo(zone)
-    fires = next_fire_times(expression, zone, after, 30)
+    fires = next_fire_times(expression, zone, after, 12)
     assert fires[0] > after
     assert all(a < b for a, b in pairwise(fires))
     for fire in fires:
