@@ -225,6 +225,8 @@ class Job(Base):
     # so it is commit order: the cursor of GET /v1/batches/{id}/results.
     batch_seq: Mapped[int | None] = mapped_column(Integer)
     schedule_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # The nominal instant of the schedule's firing that made this job (UTC).
+    scheduled_for: Mapped[datetime | None] = mapped_column(_tz)
 
     deadline: Mapped[datetime | None] = mapped_column(_tz)
     # A pending job waits for the dispatcher while this is set (and is eligible once it has
@@ -518,3 +520,72 @@ class FairClock(Base):
 
     queue: Mapped[str] = mapped_column(String(200), primary_key=True)
     vtime: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+
+
+class Schedule(Base):
+    """A cron schedule: when it fires (cron in its time zone, between start_at and end_at), what
+    each firing submits (a job or a batch body), and what to do with late or overlapping
+    firings. ``next_fire_at`` is the next nominal instant not yet handled: the ticker's index."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        Index("ix_schedules_tenant_id_id", "tenant_id", "id"),
+        Index("ix_schedules_due", "queue", "next_fire_at", postgresql_where=text("NOT paused")),
+    )
+
+    # "sched_" and a UUIDv7's hex.
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
+    cron: Mapped[str] = mapped_column(String(256))
+    timezone: Mapped[str] = mapped_column(String(64))
+    start_at: Mapped[datetime | None] = mapped_column(_tz)
+    end_at: Mapped[datetime | None] = mapped_column(_tz)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    note: Mapped[str | None] = mapped_column(Text)
+    # "job" (a POST /v1/jobs body) or "batch" (a POST /v1/batches body).
+    kind: Mapped[str] = mapped_column(String(8))
+    template: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    overlap_policy: Mapped[str] = mapped_column(String(16))
+    catchup: Mapped[str] = mapped_column(String(8))
+    catchup_window: Mapped[int] = mapped_column(Integer)
+    max_runs: Mapped[int | None] = mapped_column(Integer)
+    runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    pause_after_failures: Mapped[int | None] = mapped_column(Integer)
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", _json)
+    next_fire_at: Mapped[datetime | None] = mapped_column(_tz)
+    # The last nominal instant handled (fired, skipped or missed): the next firing's window_start.
+    last_scheduled_for: Mapped[datetime | None] = mapped_column(_tz)
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+
+
+class ScheduleFiring(Base):
+    """One nominal fire time of a schedule, at most once: the unique key is what makes any
+    number of tickers, restarts and repeated backfills fire each occurrence exactly once."""
+
+    __tablename__ = "schedule_firings"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "scheduled_for", name="uq_schedule_firings_schedule_id"),
+        Index(
+            "ix_schedule_firings_buffered",
+            "schedule_id",
+            "scheduled_for",
+            postgresql_where=text("status = 'buffered'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
+    schedule_id: Mapped[str] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"))
+    scheduled_for: Mapped[datetime] = mapped_column(_tz)
+    # cadence | catchup | trigger | backfill
+    reason: Mapped[str] = mapped_column(String(16))
+    # fired | buffered | skipped | missed | failed (the template could not be submitted)
+    status: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    batch_id: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    fired_at: Mapped[datetime | None] = mapped_column(_tz)
