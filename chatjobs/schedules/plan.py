@@ -109,7 +109,7 @@ def due_firings(
     timezone: str,
     cursor: datetime,
     now: datetime,
-    catchup: Catchup = DEFAULT_CATCHUP,
+    catchup: Catchup | str = DEFAULT_CATCHUP,
     catchup_window: timedelta = DEFAULT_CATCHUP_WINDOW,
     grace: timedelta = DEFAULT_GRACE,
     start_at: datetime | None = None,
@@ -119,14 +119,15 @@ def due_firings(
     limit: int = MAX_FIRINGS_PER_TICK,
 ) -> Due:
     """Which nominal times in (cursor, now] fire and which are missed (module docstring)."""
+    mode = Catchup(catchup)  # a plain "all" from a row works too
     runs_left = None if max_runs is None else max_runs - runs_so_far
     after = cursor if start_at is None else max(cursor, start_at - timedelta(microseconds=1))
     upto = now if end_at is None else min(now, end_at)
     window_from = now - max(catchup_window, grace)
     only = None  # with latest or none, the one time that may fire
-    if catchup is not Catchup.all:
+    if mode is not Catchup.all:
         only = _last_fire_in(expression, timezone, after, upto)
-        if only is not None and only < (window_from if catchup is Catchup.latest else now - grace):
+        if only is not None and only < (window_from if mode is Catchup.latest else now - grace):
             only = None
 
     fire: list[datetime] = []
@@ -140,7 +141,7 @@ def due_firings(
         if len(fire) + len(missed) >= limit:
             upcoming, more = nominal, True
             break
-        in_window = nominal >= window_from if catchup is Catchup.all else nominal == only
+        in_window = nominal >= window_from if mode is Catchup.all else nominal == only
         (fire if in_window else missed).append(nominal)
         cursor = nominal
 
@@ -187,12 +188,15 @@ def release_buffered(occupancy: Occupancy) -> tuple[int, Occupancy]:
     return 1, Occupancy(active=1, buffered=occupancy.buffered - 1)
 
 
-def decide_overlap(policy: OverlapPolicy, occupancy: Occupancy) -> tuple[OverlapAction, Occupancy]:
+def decide_overlap(
+    policy: OverlapPolicy | str, occupancy: Occupancy
+) -> tuple[OverlapAction, Occupancy]:
     """What to do with a new firing under ``policy``, and the occupancy after doing it.
 
     Call release_buffered first; with several new firings in one tick, decide them in order,
     each with the occupancy the one before returned.
     """
+    policy = OverlapPolicy(policy)  # a plain "skip" from a row works too
     if (not occupancy.active and not occupancy.buffered) or policy is OverlapPolicy.allow_all:
         return OverlapAction.start, Occupancy(occupancy.active + 1, occupancy.buffered)
     if policy is OverlapPolicy.cancel_other:

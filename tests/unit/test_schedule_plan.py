@@ -34,7 +34,7 @@ def times(*clock: str, day: str = "2026-05-04") -> tuple[datetime, ...]:
 QUARTERS = "*/15 * * * *"
 
 
-def after_downtime(catchup: Catchup, *, now: str = "10:00:05", **kwargs: Any) -> Due:
+def after_downtime(catchup: Catchup | str, *, now: str = "10:00:05", **kwargs: Any) -> Due:
     """The ticker handled 08:00 and was down until ``now``: 2 h of quarter-hour firings."""
     return due_firings(
         expression=QUARTERS,
@@ -342,3 +342,11 @@ def test_cancel_other_cancels_the_running_job_and_starts_the_new_one() -> None:
     assert started(sim) == [(k * 60, k * 60) for k in range(10)]
     assert [run.cancelled for run in sim.runs] == [True] * 9 + [False]
     assert sim.skipped == [] and sim.most_at_once() == 1
+
+
+def test_policies_and_modes_may_be_given_as_their_stored_strings() -> None:
+    assert decide_overlap("buffer_one", Occupancy(1, 0))[0] is OverlapAction.buffer
+    due = after_downtime("latest")
+    assert due.fire == times("10:00")
+    with pytest.raises(ValueError):
+        decide_overlap("sometimes", Occupancy())
