@@ -16,13 +16,13 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, cast, func, select, tuple_, update
+from sqlalchemy import Integer, bindparam, case, cast, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, load_only
 
 from chatjobs.errors import ContextTooLong, TooManyUpstreamCalls, UpstreamError
 from chatjobs.jobs import steps
-from chatjobs.jobs._state import PENDING, transition
+from chatjobs.jobs._state import PENDING, prepare, run, transition
 from chatjobs.longcontext import Plan
 from chatjobs.models import Job, JobStatus, Tenant, UpstreamCall
 from chatjobs.settings import get_settings
@@ -49,43 +49,54 @@ def _lease() -> timedelta:
     return timedelta(seconds=get_settings().lease_seconds)
 
 
-def _fence(claim: Claim) -> list[Any]:
+def _guard(job_id: Any, claim_seq: Any) -> list[Any]:
     """The guard on every write a worker makes: still running, and still its claim."""
-    return [
-        Job.id == claim.job_id,
-        Job.status == JobStatus.running,
-        Job.claim_seq == claim.claim_seq,
-    ]
+    return [Job.id == job_id, Job.status == JobStatus.running, Job.claim_seq == claim_seq]
+
+
+def _fence(claim: Claim) -> list[Any]:
+    """The guard of ``claim``, for a statement built per call."""
+    return _guard(claim.job_id, claim.claim_seq)
+
+
+# The guard of a prepared statement: its parameters come from ``_claimed()``.
+_FENCE = _guard(bindparam("job_id"), bindparam("seq"))
+
+
+def _claimed(claim: Claim) -> dict[str, Any]:
+    return {"job_id": claim.job_id, "seq": claim.claim_seq}
+
+
+_CLAIM = prepare(
+    [
+        Job.id == bindparam("job_id"),
+        # Not IN: an IN list is rendered again on every execution.
+        or_(*(Job.status == status for status in PENDING)),
+        (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= func.now()),
+        (Job.deadline.is_(None)) | (Job.deadline > func.now()),
+    ],
+    JobStatus.running,
+    attempts=Job.attempts + 1,
+    claim_seq=Job.claim_seq + 1,
+    started_at=func.coalesce(Job.started_at, func.now()),
+    claimed_by=bindparam("worker"),
+    returning=(
+        Job.claim_seq,
+        Job.attempts,
+        Job.model,
+        # What is sent: the truncated request or the step's, else the submitted one.
+        func.coalesce(Job.upstream_request, Job.request).label("request"),
+        Job.max_attempts,
+        Job.prompt_token_estimate,
+        Job.needs_plan,
+    ),
+)
 
 
 def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | None:
     """Move a due job to running and take its lease; None if someone else has it, it is
     finished, not yet due, or past its deadline (the reconciler expires it)."""
-    rows = transition(
-        session,
-        [
-            Job.id == job_id,
-            Job.status.in_(PENDING),
-            (Job.next_attempt_at.is_(None)) | (Job.next_attempt_at <= func.now()),
-            (Job.deadline.is_(None)) | (Job.deadline > func.now()),
-        ],
-        JobStatus.running,
-        lease=_lease(),
-        attempts=Job.attempts + 1,
-        claim_seq=Job.claim_seq + 1,
-        started_at=func.coalesce(Job.started_at, func.now()),
-        claimed_by=worker,
-        returning=(
-            Job.claim_seq,
-            Job.attempts,
-            Job.model,
-            # What is sent: the truncated request or the step's, else the submitted one.
-            func.coalesce(Job.upstream_request, Job.request).label("request"),
-            Job.max_attempts,
-            Job.prompt_token_estimate,
-            Job.needs_plan,
-        ),
-    )
+    rows = run(session, _CLAIM, {"job_id": job_id, "worker": worker}, lease=_lease())
     if not rows:
         return None
     row = rows[0]
@@ -266,51 +277,63 @@ class Outcome:
     runnable: list[uuid.UUID]
 
 
-def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, Any] | None:
-    """Insert the call's row; returns the tokens to add to the job (none when the call
-    reported no usage), or None if this claim's call was logged already (a retried commit).
+# The columns come from the parameters of each execution.
+_LOG_CALL = (
+    insert(UpstreamCall)
+    .on_conflict_do_nothing(index_elements=["job_id", "claim_seq"])
+    .returning(UpstreamCall.id)
+)
+
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+# Each usage column plus the parameter add_<column>, the call's tokens (``_log_call()``).
+_ADD_USAGE = {
+    column: getattr(Job, column) + bindparam(f"add_{column}", type_=Integer()) for column in _USAGE
+}
+
+
+def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, int] | None:
+    """Insert the call's row; returns the tokens to add to the job, as the parameters of
+    ``_ADD_USAGE`` (0 for what the call did not report), or None if this claim's call was
+    logged already (a retried commit).
 
     The caller adds them in the same transaction, in the UPDATE that records the outcome
     (one new version of the job's row, not two), or on their own when that UPDATE is refused:
     a call that was made was paid for, even when its result is refused.
     """
     usage = clean_usage(call.usage) or {}
-    logged = session.execute(
-        insert(UpstreamCall)
-        .values(
-            job_id=claim.job_id,
-            claim_seq=claim.claim_seq,
-            attempt=claim.attempt,
-            model=claim.model,
-            stream=call.stream,
-            latency_ms=call.latency_ms,
-            status_code=call.status_code,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            request_id=None if call.request_id is None else storable(call.request_id)[:200],
-            error=storable(call.error),
+    logged = (
+        session.connection()
+        .execute(
+            _LOG_CALL,
+            {
+                "job_id": claim.job_id,
+                "claim_seq": claim.claim_seq,
+                "attempt": claim.attempt,
+                "model": claim.model,
+                "stream": call.stream,
+                "latency_ms": call.latency_ms,
+                "status_code": call.status_code,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "total_tokens": usage.get("total_tokens"),
+                "request_id": None if call.request_id is None else storable(call.request_id)[:200],
+                "error": storable(call.error),
+            },
         )
-        .on_conflict_do_nothing(index_elements=["job_id", "claim_seq"])
-        .returning(UpstreamCall.id)
-    ).one_or_none()
+        .one_or_none()
+    )
     if logged is None:
         return None
-    return {column: getattr(Job, column) + usage[column] for column in _USAGE if usage.get(column)}
+    return {f"add_{column}": usage.get(column) or 0 for column in _USAGE}
 
 
-_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+_ADD_USAGE_ONLY = update(Job).where(Job.id == bindparam("job_id")).values(**_ADD_USAGE)
 
 
-def _add_usage(session: Session, job_id: uuid.UUID, tokens: dict[str, Any]) -> None:
+def _add_usage(session: Session, job_id: uuid.UUID, tokens: dict[str, int]) -> None:
     """Add a logged call's tokens to its job whatever its state (unfenced)."""
-    if tokens:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(**tokens)
-            .execution_options(synchronize_session=False)
-        )
+    if any(tokens.values()):
+        session.connection().execute(_ADD_USAGE_ONLY, {"job_id": job_id, **tokens})
 
 
 def error_record(error: UpstreamError) -> dict[str, Any]:
@@ -325,6 +348,26 @@ def error_record(error: UpstreamError) -> dict[str, Any]:
 
 
 _STEP = (Job.step_kind, Job.step_level, Job.step_index)
+_JSON = Job.result.type
+# What a call's outcome writes: fenced on the claim, with the call's tokens in the same UPDATE.
+_SUCCEEDED = prepare(
+    _FENCE,
+    JobStatus.succeeded,
+    result=bindparam("new_result", type_=_JSON),
+    error=None,
+    returning=(*_STEP, Job.error),
+    **_ADD_USAGE,
+)
+_RETRYING = prepare(
+    _FENCE, JobStatus.retrying, error=bindparam("new_error", type_=_JSON), **_ADD_USAGE
+)
+_FAILED = prepare(
+    _FENCE,
+    JobStatus.failed,
+    error=bindparam("new_error", type_=_JSON),
+    returning=(*_STEP, Job.error),
+    **_ADD_USAGE,
+)
 
 
 def _after_end(
@@ -358,42 +401,25 @@ def record_outcome(
     if tokens is None:
         status = session.scalar(select(Job.status).where(Job.id == claim.job_id))
         return Outcome(f"recorded already ({status})", [])
-    returning = (*_STEP, Job.error)
+    fenced = _claimed(claim)
     if result is not None:
-        rows = transition(
-            session,
-            _fence(claim),
-            JobStatus.succeeded,
-            result=storable(result),
-            error=None,
-            returning=returning,
-            **tokens,
-        )
+        rows = run(session, _SUCCEEDED, {**fenced, **tokens, "new_result": storable(result)})
         status = JobStatus.succeeded
     elif error is None:
         _add_usage(session, claim.job_id, tokens)
         return Outcome("abandoned", [])
     elif retry_in is not None:
-        rows = transition(
+        rows = run(
             session,
-            _fence(claim),
-            JobStatus.retrying,
+            _RETRYING,
+            {**fenced, **tokens, "new_error": error_record(error)},
             due_in=retry_in,
-            error=error_record(error),
-            **tokens,
         )
         if not rows:
             _add_usage(session, claim.job_id, tokens)
         return Outcome("retrying" if rows else "stale", [])
     else:
-        rows = transition(
-            session,
-            _fence(claim),
-            JobStatus.failed,
-            error=error_record(error),
-            returning=returning,
-            **tokens,
-        )
+        rows = run(session, _FAILED, {**fenced, **tokens, "new_error": error_record(error)})
         status = JobStatus.failed
     if not rows:
         _add_usage(session, claim.job_id, tokens)

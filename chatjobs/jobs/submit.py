@@ -8,9 +8,9 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -63,6 +63,29 @@ def _replay(session: Session, tenant_id: uuid.UUID, key: str, request_hash: str)
     return Created(existing, False, [])
 
 
+_JOBS = cast(Table, Job.__table__)
+# Parameters and result columns are named by column, attributes not always (``metadata_``).
+_COLUMNS = {attr.key: attr.columns[0] for attr in Job.__mapper__.column_attrs}
+_COLUMN_KEYS = {key: column.key for key, column in _COLUMNS.items() if key != column.key}
+
+
+def _insert(now: str) -> Any:
+    """The INSERT of a job, its columns taken from each execution's parameters and ``now``
+    set by Postgres, returning the row as stored, by attribute."""
+    return (
+        insert(_JOBS)
+        .values({now: func.now()})
+        # Only a job with a key can conflict (NULL keys are distinct): one statement for all.
+        .on_conflict_do_nothing(constraint="uq_jobs_tenant_idempotency_key")
+        .returning(*(column.label(key) for key, column in _COLUMNS.items()))
+    )
+
+
+# Waiting for the dispatcher from now; a chunked parent runs (without a lease) while its
+# steps do, and waits on them instead.
+_INSERT = {False: _insert("next_attempt_at"), True: _insert("started_at")}
+
+
 def create_job(
     *,
     session: Session,
@@ -101,7 +124,6 @@ def create_job(
         "tenant_id": tenant_id,
         # A chunked parent runs (without a lease) while its steps do.
         "status": JobStatus.running if chunked else JobStatus.queued,
-        "started_at": func.now() if chunked else None,
         "model": model,
         "request": body.request.raw,
         "upstream_request": plan.upstream_request if plan else None,
@@ -116,8 +138,6 @@ def create_job(
         "cost": estimated_cost(
             plan.prompt_tokens if plan else None, len(canonical), body.request.raw, model
         ),
-        # Waiting for the dispatcher from now; a chunked parent waits on its steps instead.
-        "next_attempt_at": None if chunked else func.now(),
         "queue": settings.queue_name,
         "max_attempts": body.max_attempts or settings.max_attempts,
         "deadline": deadline,
@@ -129,15 +149,19 @@ def create_job(
         "attempts": 0,
         "claim_seq": 0,
     }
-    stmt = insert(Job).values(**values)
-    if idempotency_key is not None:
-        stmt = stmt.on_conflict_do_nothing(constraint="uq_jobs_tenant_idempotency_key")
-    inserted = session.scalars(stmt.returning(Job)).one_or_none()
-    if inserted is None:  # a concurrent request with the same key won the insert
+    stored = (
+        session.connection()
+        .execute(_INSERT[chunked], {_COLUMN_KEYS.get(k, k): v for k, v in values.items()})
+        .one_or_none()
+    )
+    if stored is None:  # a concurrent request with the same key won the insert
         assert idempotency_key is not None
         replay = _replay(session, tenant_id, idempotency_key, request_hash)
         assert replay is not None
         return replay
+    # The row as stored (JSONB's key order, the deadline in the database's time zone), as a
+    # Job outside the session: the ORM's loading of a returned row costs more than the insert.
+    inserted = Job(**stored._asdict())
     if not chunked:
         return Created(inserted, True, [inserted.id])
     assert plan is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from chatjobs.db import session_scope
 from chatjobs.errors import JobNotFound, UpstreamStatusError
 from chatjobs.jobs import steps, sweeps
 from chatjobs.models import Job, JobStatus, UpstreamCall, WebhookDelivery
-from chatjobs.schemas import JobCreate
+from chatjobs.schemas import JobCreate, JobRead
 from chatjobs.settings import get_settings
 
 pytestmark = pytest.mark.integration
@@ -136,6 +136,44 @@ def test_success_writes_the_result_and_usage_once(tenant: uuid.UUID) -> None:
             select(WebhookDelivery.event_type).where(WebhookDelivery.job_id == job_id)
         ).all()
     assert events == ["job.succeeded"]
+
+
+def test_submit_answers_with_the_row_as_stored(tenant: uuid.UUID) -> None:
+    # Keys JSONB reorders, and a deadline in a zone other than the database's.
+    india = timezone(timedelta(hours=5, minutes=30))
+    body = JobCreate.model_validate(
+        {
+            "request": {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4.1"},
+            "metadata": {"longer": 1, "b": [1.5, None]},
+            "deadline": (datetime.now(UTC) + timedelta(days=2)).astimezone(india).isoformat(),
+            "webhook_url": "https://example.com/hook",
+        }
+    )
+    with session_scope() as session:
+        done = jobs.create_job(session=session, tenant_id=tenant, body=body)
+        answered = JobRead.from_job(done.job).model_dump_json()
+    assert done.created and done.runnable == [done.job.id]
+    assert answered == JobRead.from_job(row(done.job.id)).model_dump_json()
+
+
+def test_a_claim_holds_its_lease_and_a_retry_waits_its_delay(tenant: uuid.UUID) -> None:
+    job_id = submit(tenant)
+    c = claim(job_id)
+    assert c is not None
+    with session_scope() as session:
+        now = session.scalar(select(func.now()))
+    leased = row(job_id).lease_expires_at
+    assert leased is not None and now is not None
+    assert abs((leased - now).total_seconds() - get_settings().lease_seconds) < 5
+    with session_scope() as session:
+        out = jobs.record_outcome(
+            session=session, claim=c, call=call(), error=error_503(), retry_in=600
+        )
+    assert out.status == "retrying"
+    job = row(job_id)
+    assert job.next_attempt_at is not None and job.claimed_by is None
+    assert abs((job.next_attempt_at - now).total_seconds() - 600) < 5
+    assert (job.prompt_tokens, job.completion_tokens, job.total_tokens) == (10, 5, 15)
 
 
 def test_recording_the_same_call_again_counts_nothing_twice(tenant: uuid.UUID) -> None:
