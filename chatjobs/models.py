@@ -415,8 +415,8 @@ class WebhookDelivery(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "event_type", name="uq_webhook_deliveries_job_event"),
         UniqueConstraint("batch_id", "event_type", name="uq_webhook_deliveries_batch_event"),
-        # An event is about one job or one batch.
-        CheckConstraint("(job_id IS NULL) <> (batch_id IS NULL)", name="job_or_batch"),
+        # An event is about one job, one batch or one schedule.
+        CheckConstraint("num_nonnulls(job_id, batch_id, schedule_id) = 1", name="one_subject"),
         Index(
             "ix_webhook_deliveries_due",
             "next_attempt_at",
@@ -436,6 +436,9 @@ class WebhookDelivery(Base):
         ForeignKey("jobs.id", ondelete="CASCADE"), index=True
     )
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    schedule_id: Mapped[str | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="CASCADE"), index=True
+    )
     event_type: Mapped[str] = mapped_column(String(40))
     queue: Mapped[str] = mapped_column(String(200), server_default="chatjobs")
     msg_id: Mapped[str] = mapped_column(String(64), unique=True)
@@ -569,11 +572,12 @@ class ScheduleFiring(Base):
     __tablename__ = "schedule_firings"
     __table_args__ = (
         UniqueConstraint("schedule_id", "scheduled_for", name="uq_schedule_firings_schedule_id"),
+        # The ticker's look at firings whose job may still run, or that wait to start.
         Index(
-            "ix_schedule_firings_buffered",
+            "ix_schedule_firings_live",
             "schedule_id",
             "scheduled_for",
-            postgresql_where=text("status = 'buffered'"),
+            postgresql_where=text("open OR status = 'buffered'"),
         ),
     )
 
@@ -587,5 +591,7 @@ class ScheduleFiring(Base):
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     batch_id: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    # Fired and its job (or batch) not yet seen ended: it occupies the schedule (overlap).
+    open: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     fired_at: Mapped[datetime | None] = mapped_column(_tz)

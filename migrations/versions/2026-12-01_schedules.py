@@ -84,19 +84,50 @@ def upgrade() -> None:
         sa.Column("job_id", postgresql.UUID(as_uuid=True), nullable=True),
         sa.Column("batch_id", sa.String(64), nullable=True),
         sa.Column("error", postgresql.JSONB(), nullable=True),
+        sa.Column("open", sa.Boolean(), server_default="false", nullable=False),
         sa.Column("created_at", _tz, server_default=sa.func.now(), nullable=False),
         sa.Column("fired_at", _tz, nullable=True),
         sa.UniqueConstraint("schedule_id", "scheduled_for", name="uq_schedule_firings_schedule_id"),
     )
     op.create_index(
-        "ix_schedule_firings_buffered",
+        "ix_schedule_firings_live",
         "schedule_firings",
         ["schedule_id", "scheduled_for"],
-        postgresql_where=sa.text("status = 'buffered'"),
+        postgresql_where=sa.text("open OR status = 'buffered'"),
+    )
+    # A schedule's own events (schedule.paused) are webhook deliveries like a job's.
+    op.add_column(
+        "webhook_deliveries",
+        sa.Column(
+            "schedule_id",
+            sa.String(64),
+            sa.ForeignKey(
+                "schedules.id",
+                ondelete="CASCADE",
+                name="fk_webhook_deliveries_schedule_id_schedules",
+            ),
+            nullable=True,
+        ),
+    )
+    op.create_index("ix_webhook_deliveries_schedule_id", "webhook_deliveries", ["schedule_id"])
+    op.drop_constraint("ck_webhook_deliveries_job_or_batch", "webhook_deliveries")
+    op.create_check_constraint(
+        op.f("ck_webhook_deliveries_one_subject"),
+        "webhook_deliveries",
+        "num_nonnulls(job_id, batch_id, schedule_id) = 1",
     )
 
 
 def downgrade() -> None:
+    op.execute("DELETE FROM webhook_deliveries WHERE schedule_id IS NOT NULL")
+    op.drop_constraint("ck_webhook_deliveries_one_subject", "webhook_deliveries")
+    op.create_check_constraint(
+        op.f("ck_webhook_deliveries_job_or_batch"),
+        "webhook_deliveries",
+        "(job_id IS NULL) <> (batch_id IS NULL)",
+    )
+    op.drop_index("ix_webhook_deliveries_schedule_id", table_name="webhook_deliveries")
+    op.drop_column("webhook_deliveries", "schedule_id")
     op.drop_table("schedule_firings")
     op.drop_table("schedules")
     op.drop_column("jobs", "scheduled_for")
