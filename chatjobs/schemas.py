@@ -267,6 +267,7 @@ class JobRead(BaseModel):
     batch_id: str | None
     custom_id: str | None = None
     schedule_id: str | None
+    scheduled_for: datetime | None = None
     progress: dict[str, Any] | None
     long_context: dict[str, Any] | None
     prompt_token_estimate: int | None
@@ -301,6 +302,7 @@ class JobRead(BaseModel):
             batch_id=job.batch_id,
             custom_id=job.custom_id,
             schedule_id=job.schedule_id,
+            scheduled_for=job.scheduled_for,
             progress=_json_object(job.progress),
             long_context=_json_object(job.long_context),
             prompt_token_estimate=job.prompt_token_estimate,

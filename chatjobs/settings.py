@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60.0, gt=0)
     heartbeat_seconds: float | None = Field(None, gt=0)
     reconcile_interval_seconds: float = Field(5.0, gt=0)
+    # How often beat's schedule ticker looks for due firings (chatjobs.schedules.service).
+    schedule_tick_seconds: float = Field(1.0, gt=0)
     stale_queued_seconds: float = Field(300.0, gt=0)
     worker_shutdown_seconds: float = Field(30.0, ge=0)
     max_attempts: int = Field(6, ge=1)

@@ -1,12 +1,13 @@
-"""The clocks that run beside Celery: the dispatcher loop (in beat and in every worker) and
-the reconciler (in beat).
+"""The clocks that run beside Celery: the dispatcher loop (in beat and in every worker), the
+reconciler and the schedule ticker (in beat).
 
 They used to be Celery tasks that beat sent to the worker, and there they waited for a free
 worker slot behind the jobs: with every slot busy on slow calls a tick waited past its expiry
 and was discarded, so a saturated worker stopped republishing lost messages and waking due
 retries exactly when it mattered. On threads of their own they run on time whatever the
 workers are doing. Several may run at once: a dispatcher pass holds an advisory lock (the
-others skip it), every reconciler pass takes its rows with SKIP LOCKED.
+others skip it), every reconciler and ticker pass takes its rows with SKIP LOCKED, and a
+schedule's firing is unique per nominal instant.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from chatjobs import jobs
 from chatjobs.jobs import dispatch
+from chatjobs.schedules import plan
+from chatjobs.schedules import service as schedules
 from chatjobs.settings import get_settings
 from worker import execute
 
@@ -91,14 +95,23 @@ def start_dispatcher(
     return stop
 
 
+def tick_schedules() -> int:
+    """One schedule ticker pass; a firing is late by at most two ticks before it counts as
+    due "now" rather than caught up."""
+    settings = get_settings()
+    grace = max(plan.DEFAULT_GRACE, timedelta(seconds=2 * settings.schedule_tick_seconds))
+    return schedules.tick(grace=grace)
+
+
 def start(stop: threading.Event | None = None) -> threading.Event:
-    """Start beat's dispatcher and reconciler threads; set the returned event to stop them."""
+    """Start beat's dispatcher, reconciler and schedule ticker threads; set the returned
+    event to stop them."""
     stop = start_dispatcher(stop)
-    threading.Thread(
-        target=_every,
-        args=(get_settings().reconcile_interval_seconds, execute.reconcile, stop),
-        name="chatjobs-reconcile",
-        daemon=True,
-    ).start()
+    settings = get_settings()
+    for name, interval, work in (
+        ("chatjobs-reconcile", settings.reconcile_interval_seconds, execute.reconcile),
+        ("chatjobs-schedules", settings.schedule_tick_seconds, tick_schedules),
+    ):
+        threading.Thread(target=_every, args=(interval, work, stop), name=name, daemon=True).start()
     jobs.poke()  # a pass at once: anything submitted while no dispatcher ran
     return stop

@@ -93,8 +93,10 @@ def create_job(
     body: JobCreate,
     idempotency_key: str | None = None,
     max_calls: int | None = None,
+    schedule: tuple[str, datetime] | None = None,
 ) -> Created:
-    """Insert the job, planned as far as is cheap here.
+    """Insert the job, planned as far as is cheap here; ``schedule`` is the schedule and the
+    nominal instant of the firing that submits it.
 
     With an Idempotency-Key already used for the same body, the earlier job comes back with
     created False before anything is counted; with a different body, IdempotencyConflict.
@@ -143,6 +145,8 @@ def create_job(
         "deadline": deadline,
         "idempotency_key": idempotency_key,
         "request_hash": request_hash,
+        "schedule_id": schedule[0] if schedule else None,
+        "scheduled_for": schedule[1] if schedule else None,
         "prompt_tokens": 0,
         "completion_tokens": 0,
         "total_tokens": 0,

@@ -1,7 +1,8 @@
 """Template variables in a schedule's job body, rendered from nominal times, never the clock.
 
 A firing's body is its schedule's template with ``{{name}}`` replaced, in the strings of
-message contents (``messages[*].content``, a string or parts at any depth) and in metadata
+message contents (``messages[*].content`` of the body or, for a job body, of its ``request``;
+a string or parts at any depth) and in metadata
 values (``metadata``, at any depth; keys are left alone). Everything else in the body is
 copied as it is. Whitespace inside the braces is allowed (``{{ date }}``). Substitution is
 exact-string replacement of these five names, nothing else (no expressions, no filters, no eval):
@@ -87,14 +88,26 @@ _Visit = Callable[[str, str], str]
 def _walk(body: Mapping[str, Any], visit: _Visit) -> dict[str, Any]:
     """A copy of ``body`` with ``visit(where, text)`` applied where variables are rendered."""
     out = dict(body)
+    if isinstance(body.get("request"), dict):  # a job body: the request's messages
+        out["request"] = _walk_messages(body["request"], "request.", visit)
+    return _walk_messages(out, "", visit, metadata=True)
+
+
+def _walk_messages(
+    body: Mapping[str, Any], prefix: str, visit: _Visit, *, metadata: bool = False
+) -> dict[str, Any]:
+    out = dict(body)
     if isinstance(body.get("messages"), list):
         out["messages"] = [
-            {**message, "content": _walk_value(message["content"], f"messages[{i}].content", visit)}
+            {
+                **message,
+                "content": _walk_value(message["content"], f"{prefix}messages[{i}].content", visit),
+            }
             if isinstance(message, dict) and "content" in message
             else message
             for i, message in enumerate(body["messages"])
         ]
-    if "metadata" in body:
+    if metadata and "metadata" in body:
         out["metadata"] = _walk_value(body["metadata"], "metadata", visit)
     return out
 
