@@ -6,6 +6,11 @@ a terminal status in the same transaction, counts a batch's lines as they end (j
 the transaction commits: chatjobs.batches.progress), and remembers the live event to publish
 once the transaction commits (never before: a listener must not see a state that was rolled
 back).
+
+The hot path (a claim, the outcome of a call) runs the same transition from a statement built
+once at import (``prepare()``, then ``run()`` per call): the same status columns
+(``_status_values``) and the same bookkeeping (``_moved``), without SQLAlchemy building and
+traversing a statement on every call.
 """
 
 from __future__ import annotations
@@ -114,7 +119,10 @@ class Prepared:
 
     Built per call, SQLAlchemy's statement construction and cache-key traversal cost about a
     third of a worker's CPU; a prebuilt statement keeps its cache key, and run through the
-    session's connection it skips the ORM's per-call handling of an ORM UPDATE.
+    session's connection it skips the ORM's per-call handling of an ORM UPDATE. Measured
+    (bench/overhead.py --drain, 4000 jobs, one worker): 10.8 -> 7.0 ms of worker CPU per job,
+    SQLAlchemy 31 % -> 13 % of its samples. Raw psycopg would save ~60 us more per statement
+    (38 against 100 us), at the price of adapting every parameter by hand.
     """
 
     to: JobStatus
@@ -126,8 +134,9 @@ def prepare(
 ) -> Prepared:
     """The statement ``transition(session, where, to, returning=..., **values)`` would run,
     with ``bindparam()`` in ``where`` and ``values`` for what changes per call; the lease and
-    the wait are the parameters ``lease`` and ``wait`` (given by ``run()``). An IN over fixed
-    values is best written with ``or_()``: an IN list is re-rendered on every execution."""
+    the wait are the parameters ``lease`` and ``wait`` (given by ``run()``). Name parameters
+    unlike any column: one named as a column joins the SET clause. An IN over fixed values is
+    best written with ``or_()``: an IN list is rendered again on every execution."""
     values.setdefault("updated_at", func.now())
     values.update(
         _status_values(
