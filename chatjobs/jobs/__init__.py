@@ -7,7 +7,8 @@
 - ``dispatch``: admitting waiting jobs to the broker in fair order (``fairness``), and
   finding messages the broker lost.
 
-Every status change goes through ``_state.transition``.
+Every status change goes through ``_state`` (``transition``, or a transition prepared once
+and ``run`` on the hot path: the same columns and bookkeeping).
 
 Lock discipline, obeyed by the worker, the API and every sweep:
 
