@@ -1,9 +1,9 @@
 """Webhook deliveries: the only writer of delivery state, and the tenants' signing secrets.
 
-A job or a batch that ends with a webhook_url gets one delivery row in the same transaction,
-so an event is never lost; a delivery is about one of them (``job_id`` or ``batch_id``, the
-other NULL). The dispatcher publishes due deliveries; each attempt is fenced like a job claim
-and logged.
+A job or a batch that ends with a webhook_url, or a schedule with one that pauses itself, gets
+one delivery row in the same transaction, so an event is never lost; a delivery is about one of
+them (``job_id``, ``batch_id`` or ``schedule_id``, the others NULL). The dispatcher publishes
+due deliveries; each attempt is fenced like a job claim and logged.
 
 A receiver that answers 410 disables its URL for the tenant (``webhook_disabled_urls``): the
 deliveries waiting for it end ``gone``, later events to it are recorded ``gone`` and never
@@ -46,6 +46,7 @@ from chatjobs.models import (
     Batch,
     DeliveryStatus,
     Job,
+    Schedule,
     WebhookAttempt,
     WebhookDelivery,
     WebhookDisabledUrl,
@@ -57,6 +58,7 @@ from chatjobs.webhooks import DeliveryResult, new_secret
 _DISABLED = "not sent: this URL answered 410 and is disabled (POST /v1/webhooks/enable)"
 _STATUS_TYPE = WebhookDelivery.__table__.c.status.type
 BATCH_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.expired", "batch.cancelled"})
+SCHEDULE_EVENTS = ("schedule.paused",)
 
 
 def queue_events(session: Session, job_ids: Iterable[uuid.UUID], event_type: str) -> None:
@@ -97,18 +99,40 @@ def queue_batch_event(session: Session, batch_ids: Iterable[str], event_type: st
     )
 
 
+def queue_schedule_event(session: Session, schedule_ids: Iterable[str], event_type: str) -> None:
+    """Record one delivery per schedule that has a webhook_url; every call is a new event.
+
+    Called in the transaction that pauses the schedule, with one of ``SCHEDULE_EVENTS``. A
+    schedule may be paused, resumed and paused again: each pause is its own event, so nothing
+    makes a second one a duplicate. The worker sends ``{"id": "evt_...", "object": "event",
+    "type", "created_at", "data": {"id", "paused", "note", "failures"}}``. A disabled URL is
+    recorded ``gone``, as for jobs.
+    """
+    if event_type not in SCHEDULE_EVENTS:
+        raise ValueError(f"unknown schedule event {event_type!r}")
+    _queue(
+        session,
+        Schedule,
+        list(schedule_ids),
+        event_type,
+        key="schedule_id",
+        queue=Schedule.queue,
+    )
+
+
 def _queue(
     session: Session,
-    subject: type[Job] | type[Batch],
+    subject: type[Job] | type[Batch] | type[Schedule],
     ids: list[uuid.UUID] | list[str],
     event_type: str,
     *,
     key: str,
     queue: SQLColumnExpression[str],
-    constraint: str,
+    constraint: str | None = None,
 ) -> None:
-    # One INSERT ... SELECT for jobs and batches: ``key`` is the delivery column that holds
-    # the subject's id, ``constraint`` makes the event idempotent per subject.
+    # One INSERT ... SELECT for jobs, batches and schedules: ``key`` is the delivery column
+    # that holds the subject's id; ``constraint``, where given, makes the event idempotent per
+    # subject (a schedule's events repeat, so it has none).
     if not ids:
         return
     disabled = WebhookDisabledUrl.url.is_not(None)
@@ -141,13 +165,12 @@ def _queue(
         .where(subject.id.in_(ids), subject.webhook_url.is_not(None))
     )
     columns = ["id", "attempts", "tenant_id", key, "queue", "event_type", "msg_id", "url"]
-    session.execute(
-        insert(WebhookDelivery)
-        .from_select(
-            [*columns, "next_attempt_at", "status", "last_error"], rows, include_defaults=False
-        )
-        .on_conflict_do_nothing(constraint=constraint)
+    statement = insert(WebhookDelivery).from_select(
+        [*columns, "next_attempt_at", "status", "last_error"], rows, include_defaults=False
     )
+    if constraint is not None:
+        statement = statement.on_conflict_do_nothing(constraint=constraint)
+    session.execute(statement)
 
 
 def _url_disabled() -> ColumnElement[bool]:
@@ -171,18 +194,21 @@ def take_due(session: Session, limit: int = 1000) -> list[uuid.UUID]:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A delivery taken for one attempt: about a job or (job_id None) about a batch."""
+    """A delivery taken for one attempt: about a job, a batch or a schedule (exactly one of
+    ``job_id``, ``batch_id`` and ``schedule_id`` is set)."""
 
     id: uuid.UUID
     tenant_id: uuid.UUID
     job_id: uuid.UUID | None
     batch_id: str | None
+    schedule_id: str | None
     event_type: str
     msg_id: str
     url: str
     payload: str | None
     attempts: int
-    # When the event was recorded: in the transaction that ended its job or batch.
+    # When the event was recorded: in the transaction that ended its job or batch, or that
+    # paused its schedule.
     created_at: datetime
 
 
@@ -229,6 +255,7 @@ def claim(session: Session, delivery_id: uuid.UUID) -> Claimed | None:
             WebhookDelivery.tenant_id,
             WebhookDelivery.job_id,
             WebhookDelivery.batch_id,
+            WebhookDelivery.schedule_id,
             WebhookDelivery.event_type,
             WebhookDelivery.msg_id,
             WebhookDelivery.url,

@@ -2,7 +2,7 @@
 
 A job's event carries the job as ``GET /v1/jobs/{id}`` shows it; a batch's event is OpenAI's
 (``batch.completed`` and the others), so the official SDK's ``webhooks.unwrap`` verifies and
-parses it.
+parses it; a schedule's event (``schedule.paused``) has the same envelope as a batch's.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from functools import lru_cache
 from typing import Any
 
 import httpx
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from chatjobs import deliveries, jobs, ssrf, webhooks
 from chatjobs.db import session_scope
-from chatjobs.models import DeliveryStatus
+from chatjobs.models import DeliveryStatus, Schedule
 from chatjobs.schemas import JobRead
 from chatjobs.settings import get_settings
 
@@ -74,7 +75,7 @@ def deliver(delivery_id: uuid.UUID) -> str:
         level,
         "webhook delivery=%s %s event=%s attempt=%d status=%s http=%s latency_ms=%d error=%s",
         claimed.id,
-        f"batch={claimed.batch_id}" if claimed.batch_id is not None else f"job={claimed.job_id}",
+        _subject(claimed),
         claimed.event_type,
         claimed.attempts,
         status.value,
@@ -85,17 +86,38 @@ def deliver(delivery_id: uuid.UUID) -> str:
     return status.value
 
 
+def _subject(claimed: deliveries.Claimed) -> str:
+    """What a delivery is about, for its log line: ``job=``, ``batch=`` or ``schedule=``."""
+    if claimed.batch_id is not None:
+        return f"batch={claimed.batch_id}"
+    if claimed.schedule_id is not None:
+        return f"schedule={claimed.schedule_id}"
+    return f"job={claimed.job_id}"
+
+
 def _payload(session: Session, claimed: deliveries.Claimed) -> str:
     """The body of a delivery's first attempt (stored: retries resend the same bytes)."""
+    # One event per delivery, dated when it was recorded: when the batch ended or the
+    # schedule paused.
+    event_id, created_at = f"evt_{claimed.id.hex}", claimed.created_at
     if claimed.batch_id is not None:
-        # One event per delivery, dated when it was recorded: when the batch ended.
         return batch_event(
-            claimed.event_type,
-            claimed.batch_id,
-            event_id=f"evt_{claimed.id.hex}",
-            created_at=claimed.created_at,
+            claimed.event_type, claimed.batch_id, event_id=event_id, created_at=created_at
         )
-    assert claimed.job_id is not None  # a delivery is about a job or a batch
+    if claimed.schedule_id is not None:
+        # The schedule cannot be gone: deleting it deletes its deliveries (ON DELETE CASCADE).
+        note, failures = session.execute(
+            select(Schedule.note, Schedule.failures).where(Schedule.id == claimed.schedule_id)
+        ).one()
+        return schedule_event(
+            claimed.event_type,
+            claimed.schedule_id,
+            note=note,
+            failures=failures,
+            event_id=event_id,
+            created_at=created_at,
+        )
+    assert claimed.job_id is not None  # a delivery is about a job, a batch or a schedule
     job = jobs.get_job(session=session, tenant_id=claimed.tenant_id, job_id=claimed.job_id)
     return _compact(
         {
@@ -118,6 +140,28 @@ def batch_event(event_type: str, batch_id: str, *, event_id: str, created_at: da
             "type": event_type,
             "created_at": int(created_at.timestamp()),
             "data": {"id": batch_id},
+        }
+    )
+
+
+def schedule_event(
+    event_type: str,
+    schedule_id: str,
+    *,
+    note: str | None,
+    failures: int,
+    event_id: str,
+    created_at: datetime,
+) -> str:
+    """A schedule's event in the envelope of a batch's: it paused (the only one sent), with
+    the note it paused with and the consecutive failed firings that made it pause."""
+    return _compact(
+        {
+            "id": event_id,
+            "object": "event",
+            "type": event_type,
+            "created_at": int(created_at.timestamp()),
+            "data": {"id": schedule_id, "paused": True, "note": note, "failures": failures},
         }
     )
 
