@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, update
@@ -19,6 +21,8 @@ from sqlalchemy import select, update
 from chatjobs.db import session_scope
 from chatjobs.models import Job, JobStatus, Schedule, ScheduleFiring
 from chatjobs.schedules import service
+from chatjobs.schedules.plan import OverlapPolicy
+from tests.unit.test_schedule_plan import simulate, started
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +68,11 @@ def jobs_of(schedule_id: str) -> list[Job]:
         return list(rows)
 
 
+def nominal(job: Job) -> datetime:
+    assert job.scheduled_for is not None
+    return job.scheduled_for
+
+
 def finish(job_ids: list[uuid.UUID], status: JobStatus = JobStatus.succeeded) -> None:
     with session_scope() as session:
         session.execute(
@@ -102,7 +111,275 @@ def test_three_tickers_at_once_fire_each_instant_once(tenant: uuid.UUID) -> None
     for step in range(1, 6):
         now = T0 + minutes(step) + timedelta(seconds=1)
         with ThreadPoolExecutor(3) as pool:
-            list(pool.map(lambda _: service.tick(now=now), range(3)))
+            for ticker in [pool.submit(service.tick, now=now) for _ in range(3)]:
+                ticker.result()
     nominal = [T0 + minutes(step) for step in range(1, 6)]
     assert [f[0] for f in firings(schedule_id)] == nominal
     assert [job.scheduled_for for job in jobs_of(schedule_id)] == nominal
+
+
+# --- overlap: a 90 s job on a 60 s schedule ----------------------------------------------------
+
+
+def drive_overlap(tenant: uuid.UUID, policy: OverlapPolicy) -> tuple[str, dict[uuid.UUID, int]]:
+    """Ten simulated minutes of ``* * * * *`` (the first nominal instant at T0), each job
+    finished 90 s after it started; returns the schedule and each job's start (s after T0).
+
+    Every start and end falls on a multiple of 30 s, so ticking every 30 s sees each one when
+    the ticker would; as in the pure simulation a job ending at a tick is done before it."""
+    schedule_id = create(tenant, now=T0 - timedelta(seconds=1), overlap_policy=policy.value)
+    starts: dict[uuid.UUID, int] = {}
+    for second in range(0, 600, 30):
+        finish(
+            [
+                job_id
+                for job_id, start in starts.items()
+                if start + 90 <= second and job_status(job_id) == JobStatus.queued
+            ]
+        )
+        service.tick(now=T0 + timedelta(seconds=second))
+        for job in jobs_of(schedule_id):
+            starts.setdefault(job.id, second)
+    return schedule_id, starts
+
+
+def job_status(job_id: uuid.UUID) -> JobStatus:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.status
+
+
+@pytest.mark.parametrize("policy", list(OverlapPolicy))
+def test_each_overlap_policy_with_a_90s_job_on_a_60s_schedule_acts_as_the_plan_says(
+    tenant: uuid.UUID, policy: OverlapPolicy
+) -> None:
+    schedule_id, starts = drive_overlap(tenant, policy)
+    sim = simulate(policy)  # the pure decisions, second by second (tests/unit)
+    jobs = jobs_of(schedule_id)
+    seconds = {job.id: int((nominal(job) - T0).total_seconds()) for job in jobs}
+    assert sorted((seconds[job.id], starts[job.id]) for job in jobs) == sorted(started(sim))
+    statuses = {int((at - T0).total_seconds()): status for at, _, status in firings(schedule_id)}
+    assert statuses == {
+        **{run.fired_at: "fired" for run in sim.runs},
+        **{second: "skipped" for second in sim.skipped},
+        **{second: "buffered" for second in sim.waiting},
+    }
+    cancelled = {run.fired_at for run in sim.runs if run.cancelled}
+    assert {seconds[job.id] for job in jobs if job.status == JobStatus.cancelled} == cancelled
+    assert EXPECTED_OVERLAP[policy] == (started(sim), sim.skipped, sim.waiting)
+
+
+# The sequences the simulation gives (fired at, started at; skipped; still buffered), written
+# out so the behaviour reads here too.
+EXPECTED_OVERLAP: dict[OverlapPolicy, tuple[list[tuple[int, int]], list[int], list[int]]] = {
+    OverlapPolicy.skip: (
+        [(0, 0), (120, 120), (240, 240), (360, 360), (480, 480)],
+        [60, 180, 300, 420, 540],
+        [],
+    ),
+    OverlapPolicy.buffer_one: (
+        [(0, 0), (60, 90), (120, 180), (180, 270), (300, 360), (360, 450), (480, 540)],
+        [240, 420],
+        [540],
+    ),
+    OverlapPolicy.buffer_all: ([(k * 60, k * 90) for k in range(7)], [], [420, 480, 540]),
+    OverlapPolicy.allow_all: ([(k * 60, k * 60) for k in range(10)], [], []),
+    OverlapPolicy.cancel_other: ([(k * 60, k * 60) for k in range(10)], [], []),
+}
+
+
+# --- catch-up after 2 h of downtime ------------------------------------------------------------
+
+QUARTERS = "*/15 * * * *"
+
+
+def at(clock: str, day: str = "2026-06-01") -> datetime:
+    return datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=UTC)
+
+
+def clock_times(*clock: str) -> list[datetime]:
+    return [at(hh_mm) for hh_mm in clock]
+
+
+def after_downtime(tenant: uuid.UUID, catchup: str, window: int, back: str) -> str:
+    """A quarter-hourly schedule (allow_all, so catch-up is all that decides) whose ticker
+    fired 08:00 and was then down until ``back``."""
+    schedule_id = create(
+        tenant,
+        now=at("07:50"),
+        cron=QUARTERS,
+        overlap_policy="allow_all",
+        catchup=catchup,
+        catchup_window=window,
+    )
+    assert service.tick(now=at("08:00:02")) == 1
+    while service.tick(now=at(back)):
+        pass
+    return schedule_id
+
+
+DOWNTIME = ["08:15", "08:30", "08:45", "09:00", "09:15", "09:30", "09:45", "10:00"]
+
+
+@pytest.mark.parametrize(
+    ("catchup", "window", "back", "fired"),
+    [
+        ("all", 3600, "10:00:05", ["09:15", "09:30", "09:45", "10:00"]),
+        ("latest", 3600, "10:00:05", ["10:00"]),
+        ("none", 3600, "10:00:05", ["10:00"]),
+        # Back 7 minutes after the last instant: latest still catches it up, none does not.
+        ("all", 3600, "10:07:00", ["09:15", "09:30", "09:45", "10:00"]),
+        ("latest", 3600, "10:07:00", ["10:00"]),
+        ("none", 3600, "10:07:00", []),
+        # A 20-minute window.
+        ("all", 1200, "10:00:05", ["09:45", "10:00"]),
+        ("latest", 1200, "10:00:05", ["10:00"]),
+        ("none", 1200, "10:00:05", ["10:00"]),
+        # A 5-minute window, back after 7: even the latest instant is too old.
+        ("all", 300, "10:07:00", []),
+        ("latest", 300, "10:07:00", []),
+    ],
+)
+def test_two_hours_of_downtime_fire_and_miss_by_the_catchup_mode(
+    tenant: uuid.UUID, catchup: str, window: int, back: str, fired: list[str]
+) -> None:
+    schedule_id = after_downtime(tenant, catchup, window, back)
+    expected = [(at("08:00"), "cadence", "fired")] + [
+        (at(clock), "cadence", "fired" if clock in fired else "missed") for clock in DOWNTIME
+    ]
+    assert firings(schedule_id) == expected
+    jobs = jobs_of(schedule_id)
+    assert [job.scheduled_for for job in jobs] == clock_times("08:00", *fired)
+    if fired:
+        # The first firing after downtime covers back to the instant before it, fired or not:
+        # no gap since the last summary and no overlap with it.
+        first = at(fired[0])
+        assert jobs[1].request["messages"][0]["content"] == (
+            f"Summarise tickets from {first - minutes(15):%Y-%m-%dT%H:%M:%SZ} "
+            f"to {first:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    # Back on time afterwards, whatever the mode.
+    with session_scope() as session:
+        schedule = session.get(Schedule, schedule_id)
+        assert schedule is not None
+        assert schedule.next_fire_at == at("10:15")
+    service.tick(now=at("10:30:01"))
+    assert firings(schedule_id)[-1] == (at("10:30"), "cadence", "fired")
+
+
+def test_a_downtime_longer_than_a_tick_can_handle_is_handled_over_several_ticks(
+    tenant: uuid.UUID,
+) -> None:
+    """Every minute for 2 h: 120 instants, more than one tick decides (100), none lost."""
+    schedule_id = create(tenant, now=at("07:59:30"), overlap_policy="allow_all")
+    assert service.tick(now=at("08:00:01")) == 1
+    counts = []
+    while count := service.tick(now=at("10:00:05")):
+        counts.append(count)
+    rows = firings(schedule_id)
+    assert [row[0] for row in rows] == [at("08:00") + minutes(k) for k in range(121)]
+    statuses = [row[2] for row in rows]
+    # The window is 1 h: 09:00:05 and later fire (09:01 .. 10:00), the rest are missed.
+    assert statuses == ["fired"] + ["missed"] * 60 + ["fired"] * 60
+    assert counts == [40, 20]  # the first tick decides 100 (60 missed, 40 fired), the next 20
+
+
+# --- DST through the ticker --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transition:
+    zone: str
+    at: datetime  # the instant the offset changes, UTC
+    fixed: dict[str, list[datetime]]  # fixed-time cron -> its fire instants around `at`
+    next_two: tuple[str, list[datetime]]  # a fixed cron's next_fire_times, seen before it
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+def _spring(zone: str, at: str, day_after: str) -> Transition:
+    """The 02:xx hour does not exist: 30 2 fires once, at the gap's end (the transition)."""
+    return Transition(
+        zone, utc(at), {"30 2 * * *": [utc(at)]}, ("30 2 * * *", [utc(at), utc(day_after)])
+    )
+
+
+BERLIN, NEW_YORK = "Europe/Berlin", "America/New_York"
+TRANSITIONS = [
+    # Berlin: 02:00 CET -> 03:00 CEST at 01:00 UTC; 03:00 CEST -> 02:00 CET at 01:00 UTC.
+    _spring(BERLIN, "2026-03-29T01:00", "2026-03-30T00:30"),
+    Transition(
+        BERLIN,
+        utc("2026-10-25T01:00"),
+        {"30 2 * * *": [utc("2026-10-25T00:30")]},  # 02:30 CEST only, not 02:30 CET
+        ("30 2 * * *", [utc("2026-10-25T00:30"), utc("2026-10-26T01:30")]),
+    ),
+    _spring(BERLIN, "2027-03-28T01:00", "2027-03-29T00:30"),
+    Transition(
+        BERLIN,
+        utc("2027-10-31T01:00"),
+        {"30 2 * * *": [utc("2027-10-31T00:30")]},
+        ("30 2 * * *", [utc("2027-10-31T00:30"), utc("2027-11-01T01:30")]),
+    ),
+    # New York: 02:00 EST -> 03:00 EDT at 07:00 UTC; 02:00 EDT -> 01:00 EST at 06:00 UTC.
+    _spring(NEW_YORK, "2026-03-08T07:00", "2026-03-09T06:30"),
+    Transition(
+        NEW_YORK,
+        utc("2026-11-01T06:00"),
+        # 01:30 EDT only, not 01:30 EST; 02:30 happens once (EST).
+        {"30 1 * * *": [utc("2026-11-01T05:30")], "30 2 * * *": [utc("2026-11-01T07:30")]},
+        ("30 1 * * *", [utc("2026-11-01T05:30"), utc("2026-11-02T06:30")]),
+    ),
+    _spring(NEW_YORK, "2027-03-14T07:00", "2027-03-15T06:30"),
+    Transition(
+        NEW_YORK,
+        utc("2027-11-07T06:00"),
+        {"30 1 * * *": [utc("2027-11-07T05:30")], "30 2 * * *": [utc("2027-11-07T07:30")]},
+        ("30 1 * * *", [utc("2027-11-07T05:30"), utc("2027-11-08T06:30")]),
+    ),
+]
+
+
+@pytest.mark.parametrize("transition", TRANSITIONS, ids=lambda t: f"{t.zone}-{t.at:%Y-%m-%d}")
+def test_dst_transitions_fire_fixed_times_once_and_hourly_on_real_time_cadence(
+    tenant: uuid.UUID, transition: Transition
+) -> None:
+    """Ticked every minute from 100 minutes before the offset change to 100 after."""
+    start, end = transition.at - minutes(100), transition.at + minutes(100)
+    offsets = {transition.at.astimezone(ZoneInfo(transition.zone)).utcoffset()}
+    offsets.add(
+        (transition.at - timedelta(seconds=1)).astimezone(ZoneInfo(transition.zone)).utcoffset()
+    )
+    assert len(offsets) == 2  # the tz database agrees this is a transition
+
+    crons = [*transition.fixed, "0 * * * *"]
+    ids = {
+        expression: create(
+            tenant, now=start, cron=expression, timezone=transition.zone, overlap_policy="allow_all"
+        )
+        for expression in crons
+    }
+    with session_scope() as session:
+        expression, upcoming = transition.next_two
+        schedule = session.get(Schedule, ids[expression])
+        assert schedule is not None
+        assert service.next_fire_times(schedule)[:2] == upcoming  # the shift shows in advance
+    ticked_at: dict[uuid.UUID, datetime] = {}
+    now = start
+    while now < end:
+        now += minutes(1)
+        if not service.tick(now=now + timedelta(seconds=1)):
+            continue
+        for schedule_id in ids.values():
+            for job in jobs_of(schedule_id):
+                ticked_at.setdefault(job.id, now)
+    hourly = [transition.at + timedelta(hours=h) for h in (-1, 0, 1)]
+    for expression, schedule_id in ids.items():
+        expected = transition.fixed.get(expression, hourly)
+        jobs = jobs_of(schedule_id)
+        assert [job.scheduled_for for job in jobs] == expected, expression
+        assert [ticked_at[job.id] for job in jobs] == expected  # each on the first tick due
+        assert [row[2] for row in firings(schedule_id)] == ["fired"] * len(expected)
