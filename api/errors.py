@@ -33,6 +33,7 @@ from chatjobs.errors import (
     NotFound,
     TooManyUpstreamCalls,
 )
+from chatjobs.schedules.cron import InvalidSchedule
 from chatjobs.storable import clean_text
 
 log = logging.getLogger("chatjobs.api")
@@ -46,6 +47,7 @@ _STATUS: list[tuple[type[ChatJobsError], int, str]] = [
     (LimitExceeded, 429, "rate_limit_exceeded"),
     (TooManyUpstreamCalls, 422, "too_many_upstream_calls"),
     (ContextTooLong, 422, "context_length_exceeded"),
+    (InvalidSchedule, 422, "invalid_request_error"),
 ]
 
 
@@ -128,6 +130,8 @@ def _chatjobs_error(request: Request, exc: Exception) -> JSONResponse:
             if isinstance(exc, LimitExceeded):
                 headers = _limit_headers(exc)
             param = exc.param if isinstance(exc, InvalidRequest) else None
+            if isinstance(exc, InvalidSchedule):
+                param = exc.field  # cron, timezone or template
             return error_json(status, error_body(type_, str(exc), param=param), headers)
     return _unexpected(request, exc)
 
