@@ -429,20 +429,21 @@ def _start(
     reason: str,
     occupancy: plan.Occupancy,
     fired: Fired,
-) -> plan.Occupancy:
-    """A new firing met by the overlap policy; the occupancy after it."""
+) -> tuple[plan.Occupancy, bool]:
+    """A new firing met by the overlap policy; the occupancy after it, and whether it is a run
+    (for max_runs: started, or buffered to start; not skipped, not an instant fired before)."""
     action, after = plan.decide_overlap(schedule.overlap_policy, occupancy)
     status = {plan.OverlapAction.buffer: "buffered", plan.OverlapAction.skip: "skipped"}.get(
         action, "fired"
     )
     firing = _insert_firing(session, schedule, scheduled_for, reason, status)
     if firing is None:
-        return occupancy
+        return occupancy, False
     if action is plan.OverlapAction.cancel_and_start:
         _cancel_open(session, schedule)
     if status == "fired":
         _submit(session, schedule, firing, fired, backfill=False)
-    return after
+    return after, status != "skipped"
 
 
 def _cancel_open(session: Session, schedule: Schedule) -> None:
@@ -555,10 +556,12 @@ def _advance(
             # Paused by pause_after_failures meanwhile: the rest is not fired (a resume
             # fires from then on, as after any pause).
             break
-        occupancy = _start(session, schedule, moment, "cadence", occupancy, fired)
-    schedule.runs += len(due.fire)
+        occupancy, ran = _start(session, schedule, moment, "cadence", occupancy, fired)
+        schedule.runs += ran
     schedule.last_scheduled_for = due.cursor
-    schedule.next_fire_at = due.next_fire_at
+    # Not due.next_fire_at: the plan counted every time it fired toward max_runs, and some
+    # may have been skipped for overlap or fired before by a backfill.
+    schedule.next_fire_at = _next_after(schedule, due.cursor)
     schedule.updated_at = func.now()
 
 
@@ -612,7 +615,7 @@ def trigger(
     fired = Fired()
     occupancy = _release(session, schedule, _settle(session, schedule), fired)
     moment = _now(now)
-    _start(session, schedule, moment, "trigger", occupancy, fired)
+    _start(session, schedule, moment, "trigger", occupancy, fired)  # not a run of the cadence
     firing = session.scalars(
         select(ScheduleFiring).where(
             ScheduleFiring.schedule_id == schedule.id, ScheduleFiring.scheduled_for == moment

@@ -8,6 +8,8 @@ itself, as beat's ticker would; no worker runs, so a job's end is written by the
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,8 +20,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select, update
 
+from chatjobs import files
+from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
-from chatjobs.models import Job, JobStatus, Schedule, ScheduleFiring
+from chatjobs.errors import InvalidRequest
+from chatjobs.jobs.dispatch import PRIORITY_BACKFILL
+from chatjobs.models import Batch, Job, JobStatus, Schedule, ScheduleFiring, WebhookDelivery
 from chatjobs.schedules import service
 from chatjobs.schedules.plan import OverlapPolicy
 from tests.unit.test_schedule_plan import simulate, started
@@ -383,3 +389,312 @@ def test_dst_transitions_fire_fixed_times_once_and_hourly_on_real_time_cadence(
         assert [job.scheduled_for for job in jobs] == expected, expression
         assert [ticked_at[job.id] for job in jobs] == expected  # each on the first tick due
         assert [row[2] for row in firings(schedule_id)] == ["fired"] * len(expected)
+
+
+# --- end_at and max_runs -----------------------------------------------------------------------
+
+
+def schedule_row(schedule_id: str) -> Schedule:
+    with session_scope() as session:
+        schedule = session.get(Schedule, schedule_id)
+        assert schedule is not None
+        session.expunge(schedule)
+        return schedule
+
+
+def tick_minutes(first: int, last: int, *, then: Any = None) -> None:
+    """Tick 1 s after each minute T0+first .. T0+last; ``then(minute)`` after each tick."""
+    for minute in range(first, last + 1):
+        service.tick(now=T0 + minutes(minute) + timedelta(seconds=1))
+        if then is not None:
+            then(minute)
+
+
+def test_end_at_is_the_last_instant_and_then_the_schedule_is_done(tenant: uuid.UUID) -> None:
+    schedule_id = create(tenant, overlap_policy="allow_all", end_at=T0 + minutes(3))
+    upcoming = [T0 + minutes(k) for k in (1, 2, 3)]
+    assert service.next_fire_times(schedule_row(schedule_id)) == upcoming
+    tick_minutes(1, 10)
+    assert firings(schedule_id) == [(moment, "cadence", "fired") for moment in upcoming]
+    assert [job.scheduled_for for job in jobs_of(schedule_id)] == upcoming
+    done = schedule_row(schedule_id)
+    assert done.next_fire_at is None and service.next_fire_times(done) == []
+
+
+def test_max_runs_stops_after_that_many_runs(tenant: uuid.UUID) -> None:
+    schedule_id = create(tenant, overlap_policy="allow_all", max_runs=2)
+    assert service.next_fire_times(schedule_row(schedule_id)) == [T0 + minutes(1), T0 + minutes(2)]
+    tick_minutes(1, 10)
+    assert [row[0] for row in firings(schedule_id)] == [T0 + minutes(1), T0 + minutes(2)]
+    assert len(jobs_of(schedule_id)) == 2
+    done = schedule_row(schedule_id)
+    assert (done.runs, done.next_fire_at, service.next_fire_times(done)) == (2, None, [])
+
+
+def test_max_runs_counts_runs_not_firings_skipped_for_overlap(tenant: uuid.UUID) -> None:
+    """skip, each job 90 s: minutes 1, 3 and 5 run, 2 and 4 are skipped, then it is done."""
+    schedule_id = create(tenant, max_runs=3)
+
+    def finish_previous(minute: int) -> None:
+        # Done before the next tick: the jobs that fired a minute ago or earlier.
+        finish([job.id for job in jobs_of(schedule_id) if nominal(job) < T0 + minutes(minute)])
+
+    tick_minutes(1, 10, then=finish_previous)
+    assert [(row[0], row[2]) for row in firings(schedule_id)] == [
+        (T0 + minutes(1), "fired"),
+        (T0 + minutes(2), "skipped"),
+        (T0 + minutes(3), "fired"),
+        (T0 + minutes(4), "skipped"),
+        (T0 + minutes(5), "fired"),
+    ]
+    done = schedule_row(schedule_id)
+    assert (done.runs, done.next_fire_at) == (3, None)
+
+
+# --- trigger and backfill ----------------------------------------------------------------------
+
+
+def trigger(tenant: uuid.UUID, schedule_id: str, now: datetime) -> tuple[str, uuid.UUID | None]:
+    with session_scope() as session:
+        firing, fired = service.trigger(session, tenant_id=tenant, schedule_id=schedule_id, now=now)
+        outcome = (firing.status, firing.job_id)
+        assert (firing.scheduled_for, firing.reason) == (now, "trigger")
+    fired.after_commit()
+    return outcome
+
+
+def test_trigger_fires_now_outside_the_cadence_under_the_overlap_policy(
+    tenant: uuid.UUID,
+) -> None:
+    schedule_id = create(tenant, cron="0 7 * * *", timezone="Europe/Berlin")
+    first = T0 + minutes(5)
+    status, job_id = trigger(tenant, schedule_id, first)
+    assert status == "fired" and job_id is not None
+    (job,) = jobs_of(schedule_id)
+    assert (job.id, job.schedule_id, job.scheduled_for) == (job_id, schedule_id, first)
+    # Its window reaches back to the cron's previous instant (07:00 CEST today).
+    assert job.request["messages"][0]["content"] == (
+        "Summarise tickets from 2026-06-01T05:00:00Z to 2026-06-01T08:05:00Z"
+    )
+    assert trigger(tenant, schedule_id, first + minutes(1)) == ("skipped", None)  # skip: running
+    finish([job_id])
+    status, _ = trigger(tenant, schedule_id, first + minutes(2))
+    assert status == "fired" and len(jobs_of(schedule_id)) == 2
+    # The cadence is untouched.
+    assert schedule_row(schedule_id).next_fire_at == datetime(2026, 6, 2, 5, 0, tzinfo=UTC)
+
+
+def backfill(
+    tenant: uuid.UUID, schedule_id: str, start: datetime, end: datetime, now: datetime
+) -> service.Backfilled:
+    with session_scope() as session:
+        done, fired = service.backfill(
+            session, tenant_id=tenant, schedule_id=schedule_id, start=start, end=end, now=now
+        )
+    fired.after_commit()
+    return done
+
+
+def test_backfill_fires_each_instant_of_the_range_once_at_the_backfill_priority(
+    tenant: uuid.UUID,
+) -> None:
+    schedule_id = create(tenant, cron=QUARTERS)  # skip: a backfill ignores it
+    instants = clock_times("06:00", "06:15", "06:30", "06:45", "07:00")
+    first = backfill(tenant, schedule_id, at("06:00"), at("07:00"), now=T0)
+    assert (first.fired, first.existing) == (instants, [])
+    again = backfill(tenant, schedule_id, at("05:50"), at("07:10"), now=T0)
+    assert (again.fired, again.existing) == ([], instants)
+    assert firings(schedule_id) == [(moment, "backfill", "fired") for moment in instants]
+    jobs = jobs_of(schedule_id)
+    assert [job.scheduled_for for job in jobs] == instants
+    assert {job.priority for job in jobs} == {PRIORITY_BACKFILL}
+    assert jobs[0].request["messages"][0]["content"] == (
+        "Summarise tickets from 2026-06-01T05:45:00Z to 2026-06-01T06:00:00Z"
+    )
+
+
+def test_a_backfill_and_a_late_ticker_fire_a_shared_instant_once(tenant: uuid.UUID) -> None:
+    schedule_id = create(tenant, cron=QUARTERS, overlap_policy="allow_all")
+    # The ticker was down since 08:00; a backfill at 08:40 fires 08:15 and 08:30 first.
+    done = backfill(tenant, schedule_id, at("08:10"), at("08:30"), now=at("08:40"))
+    assert done.fired == clock_times("08:15", "08:30")
+    service.tick(now=at("08:45:01"))
+    assert firings(schedule_id) == [
+        (at("08:15"), "backfill", "fired"),
+        (at("08:30"), "backfill", "fired"),
+        (at("08:45"), "cadence", "fired"),
+    ]
+    assert [job.scheduled_for for job in jobs_of(schedule_id)] == clock_times(
+        "08:15", "08:30", "08:45"
+    )
+    assert schedule_row(schedule_id).runs == 1  # the ticker ran 08:45 only
+
+
+def test_backfill_keeps_a_priority_the_template_sets(tenant: uuid.UUID) -> None:
+    schedule_id = create(tenant, cron=QUARTERS, template={**SUMMARY, "priority": 5})
+    backfill(tenant, schedule_id, at("06:00"), at("06:30"), now=T0)
+    assert {job.priority for job in jobs_of(schedule_id)} == {5}
+
+
+def test_backfill_refuses_a_future_range_and_one_of_more_than_1000_instants(
+    tenant: uuid.UUID,
+) -> None:
+    schedule_id = create(tenant)
+    with pytest.raises(InvalidRequest, match="future"):
+        backfill(tenant, schedule_id, T0 - minutes(10), T0 + minutes(1), now=T0)
+    with pytest.raises(InvalidRequest, match="more than 1000"):
+        backfill(tenant, schedule_id, T0 - minutes(1001), T0, now=T0)
+    done = backfill(tenant, schedule_id, T0 - minutes(999), T0, now=T0)  # 1000 exactly
+    assert len(done.fired) == 1000
+    assert len(firings(schedule_id)) == 1000
+
+
+# --- a batch template --------------------------------------------------------------------------
+
+
+def upload_batch_file(tenant: uuid.UUID, lines: int = 3) -> str:
+    content = b"".join(
+        json.dumps(
+            {
+                "custom_id": f"c-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"messages": [{"role": "user", "content": f"line {i}"}]},
+            }
+        ).encode()
+        + b"\n"
+        for i in range(lines)
+    )
+    with session_scope() as session:
+        upload, _ = files.store_upload(
+            session,
+            tenant_id=tenant,
+            chunks=[content],
+            filename="in.jsonl",
+            purpose="batch",
+            expires_after_seconds=None,
+            idempotency_key=None,
+        )
+        return upload.id
+
+
+def batch_status(batch_id: str) -> str:
+    with session_scope() as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        return batch.status
+
+
+def test_a_batch_template_fires_a_batch(tenant: uuid.UUID) -> None:
+    file_id = upload_batch_file(tenant)
+    schedule_id = create(
+        tenant,
+        kind="batch",
+        template={
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"day": "{{date}}"},
+        },
+    )
+    assert service.tick(now=T0 + minutes(1) + timedelta(seconds=1)) == 1
+    with session_scope() as session:
+        firing = session.scalars(
+            select(ScheduleFiring).where(ScheduleFiring.schedule_id == schedule_id)
+        ).one()
+        assert (firing.status, firing.job_id) == ("fired", None)
+        batch = session.get(Batch, firing.batch_id)
+        assert batch is not None
+        assert (batch.tenant_id, batch.metadata_) == (tenant, {"day": "2026-06-01"})
+        batch_id = batch.id
+    # The ticker's process validates it on its own threads; ingest here, whoever is first.
+    batches.ingest(batch_id)
+    wait_for(lambda: batch_status(batch_id) == "in_progress")
+    # An in_progress batch occupies the schedule like a running job (skip).
+    service.tick(now=T0 + minutes(2) + timedelta(seconds=1))
+    assert [row[2] for row in firings(schedule_id)] == ["fired", "skipped"]
+
+
+def wait_for(condition: Any, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+# --- pause_after_failures ----------------------------------------------------------------------
+
+
+def test_jobs_failing_n_times_in_a_row_pause_the_schedule_and_a_success_resets_the_count(
+    tenant: uuid.UUID,
+) -> None:
+    schedule_id = create(tenant, pause_after_failures=3, webhook_url="https://example.com/hook")
+    outcomes = {1: JobStatus.failed, 2: JobStatus.failed, 3: JobStatus.succeeded}
+    outcomes |= {4: JobStatus.failed, 5: JobStatus.failed, 6: JobStatus.failed}
+
+    def end_this_minutes_job(minute: int) -> None:
+        for job in jobs_of(schedule_id):
+            if nominal(job) == T0 + minutes(minute):
+                finish([job.id], outcomes[minute])
+
+    tick_minutes(1, 10, then=end_this_minutes_job)
+    # The 6th failure in all but the 3rd in a row is seen at 08:07, which pauses instead.
+    assert [row[0] for row in firings(schedule_id)] == [T0 + minutes(k) for k in range(1, 7)]
+    paused = schedule_row(schedule_id)
+    assert paused.paused and paused.failures == 3
+    assert paused.note == "paused after 3 failed firings in a row"
+    with session_scope() as session:
+        events = session.scalars(
+            select(WebhookDelivery.event_type).where(WebhookDelivery.schedule_id == schedule_id)
+        ).all()
+    assert events == ["schedule.paused"]
+    # Resumed at 08:12:30: it fires from then on, nothing for the paused time.
+    with session_scope() as session:
+        service.update_schedule(
+            session,
+            tenant_id=tenant,
+            schedule_id=schedule_id,
+            changes={"paused": False},
+            now=T0 + minutes(12.5),
+        )
+    tick_minutes(11, 14)
+    assert [row[0] for row in firings(schedule_id)][6:] == [T0 + minutes(13), T0 + minutes(14)]
+    assert schedule_row(schedule_id).failures == 0
+
+
+def test_a_template_that_cannot_be_submitted_fails_its_firing_and_counts(
+    tenant: uuid.UUID,
+) -> None:
+    too_long = {
+        "request": {
+            "model": "gpt-4",  # an 8192-token window
+            "messages": [{"role": "user", "content": "summarise " * 10_000}],
+        },
+        "long_context": {"strategy": "error"},
+    }
+    schedule_id = create(tenant, template=too_long, pause_after_failures=2)
+    tick_minutes(1, 5)
+    with session_scope() as session:
+        rows = session.scalars(
+            select(ScheduleFiring)
+            .where(ScheduleFiring.schedule_id == schedule_id)
+            .order_by(ScheduleFiring.scheduled_for)
+        ).all()
+        assert [(row.status, row.job_id, row.open) for row in rows] == [("failed", None, False)] * 2
+        assert rows[0].error is not None and rows[0].error["type"] == "ContextTooLong"
+    assert jobs_of(schedule_id) == []
+    paused = schedule_row(schedule_id)
+    assert (paused.paused, paused.failures) == (True, 2)
+
+
+def test_a_batch_template_whose_file_was_deleted_fails_its_firing(tenant: uuid.UUID) -> None:
+    file_id = upload_batch_file(tenant)
+    schedule_id = create(
+        tenant, kind="batch", template={"input_file_id": file_id}, pause_after_failures=5
+    )
+    with session_scope() as session:
+        files.delete_file(session, tenant_id=tenant, file_id=file_id)
+    tick_minutes(1, 2)
+    rows = firings(schedule_id)
+    assert [row[2] for row in rows] == ["failed", "failed"]
+    assert schedule_row(schedule_id).failures == 2
