@@ -262,6 +262,7 @@ MESSAGE_CONTENT: dict[str, Any] = {
 # Schemathesis's stateful phase follows them from a job it created to the job's other routes.
 _JOB = {"job_id": "$response.body#/id"}
 _FILE = {"file_id": "$response.body#/id"}
+_SCHEDULE = {"schedule_id": "$response.body#/id"}
 LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = {
     ("post", "/v1/jobs", "202"): {
         "GetJob": ("get", "/v1/jobs/{job_id}", _JOB),
@@ -274,6 +275,14 @@ LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, dict[str, str]]]] = 
         "GetFile": ("get", "/v1/files/{file_id}", _FILE),
         "FileContent": ("get", "/v1/files/{file_id}/content", _FILE),
         "DeleteFile": ("delete", "/v1/files/{file_id}", _FILE),
+    },
+    ("post", "/v1/schedules", "201"): {
+        "GetSchedule": ("get", "/v1/schedules/{schedule_id}", _SCHEDULE),
+        "UpdateSchedule": ("patch", "/v1/schedules/{schedule_id}", _SCHEDULE),
+        "TriggerSchedule": ("post", "/v1/schedules/{schedule_id}/trigger", _SCHEDULE),
+        "BackfillSchedule": ("post", "/v1/schedules/{schedule_id}/backfill", _SCHEDULE),
+        "ListFirings": ("get", "/v1/schedules/{schedule_id}/firings", _SCHEDULE),
+        "DeleteSchedule": ("delete", "/v1/schedules/{schedule_id}", _SCHEDULE),
     },
     ("get", "/v1/jobs/{job_id}/deliveries", "200"): {
         "Redeliver": (
