@@ -18,12 +18,19 @@ A tick, per schedule (chatjobs.schedules.plan decides, this module writes):
    overlap policy: started, buffered, skipped or (``cancel_other``) started after cancelling
    the open ones; those past the catch-up window are recorded ``missed``.
 
+``max_runs`` counts runs: firings started or buffered to start, not those skipped for overlap
+nor an instant a backfill fired first. A schedule the ticker cannot work on is left out of
+that tick (a savepoint each), and one that no longer parses (a zone gone from tzdata, a cron
+an older version took) is paused with the reason as its note, so no row stops the ticker for
+the rest of the queue.
+
 Resuming a paused schedule moves its cursor to the moment of the resume: instants that passed
 while it was paused are neither fired nor recorded (a pause is a decision, not downtime).
 Changing the cron, zone or start moves it the same way, so a new cadence never fires for the
-past. A trigger fires once at the moment it is asked for, under the overlap policy; a
-backfill fires every nominal instant of a past range that has no firing yet, at the backfill
-priority, whatever is running (backfills are for catching up, and the dispatcher paces them).
+past; so does giving a finished schedule a later ``end_at`` or more ``max_runs``. A trigger
+fires once at the moment it is asked for, under the overlap policy; a backfill fires every
+nominal instant of a past range that has no firing yet, at the backfill priority, whatever is
+running (backfills are for catching up, and the dispatcher paces them).
 """
 
 from __future__ import annotations
@@ -274,8 +281,9 @@ def update_schedule(
     changes: dict[str, Any],
     now: datetime | None = None,
 ) -> Schedule:
-    """Change some fields (PATCH). Pausing stops firing; resuming, or a new cron, zone or
-    start, fires from now on (nothing for the time in between)."""
+    """Change some fields (PATCH). Pausing stops firing; resuming, a new cron, zone or start,
+    or a later end_at or more max_runs for a finished schedule, fires from now on (nothing
+    for the time in between)."""
     schedule = _locked(session, tenant_id, schedule_id)
     unknown = set(changes) - set(_FIELDS)
     if unknown:
@@ -290,13 +298,15 @@ def update_schedule(
     moment = _now(now)
     resumed = schedule.paused and changes.get("paused") is False
     cadence = any(name in changes and changes[name] != getattr(schedule, name) for name in _CADENCE)
+    limits = bool({"end_at", "max_runs"} & set(changes))
+    revived = limits and schedule.next_fire_at is None  # it had finished: like a resume
     for name, value in _columns(current).items():
         setattr(schedule, name, value)
     if resumed:
         schedule.failures = 0
-    if resumed or cadence:
+    if resumed or cadence or revived:
         schedule.last_scheduled_for = max(schedule.last_scheduled_for or moment, moment)
-    if resumed or cadence or {"end_at", "max_runs"} & set(changes):
+    if resumed or cadence or limits:
         schedule.next_fire_at = _next_after(schedule, schedule.last_scheduled_for or moment)
     schedule.updated_at = func.now()
     session.flush()
@@ -322,6 +332,11 @@ class Fired:
     jobs: list[uuid.UUID] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
     firings: int = 0
+
+    def add(self, other: Fired) -> None:
+        self.jobs += other.jobs
+        self.batches += other.batches
+        self.firings += other.firings
 
     def after_commit(self) -> None:
         if self.jobs:
@@ -473,8 +488,12 @@ def _maybe_pause(session: Session, schedule: Schedule) -> None:
     limit = schedule.pause_after_failures
     if limit is None or schedule.paused or schedule.failures < limit:
         return
+    _pause(session, schedule, f"paused after {schedule.failures} failed firings in a row")
+
+
+def _pause(session: Session, schedule: Schedule, note: str) -> None:
     schedule.paused = True
-    schedule.note = f"paused after {schedule.failures} failed firings in a row"
+    schedule.note = note
     session.flush()
     deliveries.queue_schedule_event(session, [schedule.id], "schedule.paused")
     log.warning("schedule %s: %s", schedule.id, schedule.note)
@@ -602,9 +621,28 @@ def tick(*, now: datetime | None = None, grace: timedelta | None = None) -> int:
             .with_for_update(skip_locked=True)
         ).all()
         for schedule in schedules:
-            _advance(session, schedule, moment, grace, fired)
+            _advance_alone(session, schedule, moment, grace, fired)
     fired.after_commit()
     return fired.firings
+
+
+def _advance_alone(
+    session: Session, schedule: Schedule, now: datetime, grace: timedelta, fired: Fired
+) -> None:
+    """_advance in a savepoint, so that a schedule it breaks on is left out of this tick
+    instead of failing the tick (and every later one) for every schedule on the queue."""
+    mine = Fired()
+    try:
+        with session.begin_nested():
+            _advance(session, schedule, now, grace, mine)
+    except cron.InvalidSchedule as exc:
+        # Stored by a version that took it, or its zone is gone from tzdata: it cannot fire.
+        _pause(session, schedule, f"paused: {str(exc)[:500]}")
+        return
+    except Exception:
+        log.exception("schedule %s: the tick broke on it; the next tick tries again", schedule.id)
+        return
+    fired.add(mine)
 
 
 def trigger(

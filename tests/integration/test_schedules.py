@@ -698,3 +698,43 @@ def test_a_batch_template_whose_file_was_deleted_fails_its_firing(tenant: uuid.U
     rows = firings(schedule_id)
     assert [row[2] for row in rows] == ["failed", "failed"]
     assert schedule_row(schedule_id).failures == 2
+
+
+def test_extending_a_finished_schedule_fires_from_then_on_not_for_the_time_between(
+    tenant: uuid.UUID,
+) -> None:
+    runs_out = create(tenant, overlap_policy="allow_all", max_runs=1)
+    ends = create(tenant, overlap_policy="allow_all", end_at=T0 + minutes(1))
+    tick_minutes(1, 2)
+    for schedule_id, change in ((runs_out, {"max_runs": 3}), (ends, {"end_at": None})):
+        assert schedule_row(schedule_id).next_fire_at is None
+        with session_scope() as session:
+            service.update_schedule(
+                session,
+                tenant_id=tenant,
+                schedule_id=schedule_id,
+                changes=change,
+                now=T0 + minutes(30.5),
+            )
+        assert schedule_row(schedule_id).next_fire_at == T0 + minutes(31)
+    tick_minutes(31, 31)
+    for schedule_id in (runs_out, ends):
+        assert [row[0] for row in firings(schedule_id)] == [T0 + minutes(1), T0 + minutes(31)]
+
+
+def test_a_schedule_that_no_longer_parses_is_paused_and_the_others_still_fire(
+    tenant: uuid.UUID,
+) -> None:
+    """A row this version refuses (a zone gone from tzdata, a cron an older version took)
+    must not stop the ticker for every schedule."""
+    broken = create(tenant, overlap_policy="allow_all")
+    healthy = create(tenant, overlap_policy="allow_all")
+    with session_scope() as session:
+        session.execute(
+            update(Schedule).where(Schedule.id == broken).values(timezone="Mars/Olympus_Mons")
+        )
+    tick_minutes(1, 2)
+    assert [row[0] for row in firings(healthy)] == [T0 + minutes(1), T0 + minutes(2)]
+    assert firings(broken) == []
+    halted = schedule_row(broken)
+    assert halted.paused and halted.note is not None and "Mars/Olympus_Mons" in halted.note
