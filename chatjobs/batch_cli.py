@@ -115,6 +115,12 @@ class Api:
         headers = {"Idempotency-Key": key} if key else None
         return self._json(self._send("POST", path, headers=headers, **content))
 
+    def patch(self, path: str, **content: Any) -> dict[str, Any]:
+        return self._json(self._send("PATCH", path, **content))
+
+    def delete(self, path: str) -> None:
+        self._send("DELETE", path).close()
+
     def save(self, path: str, dest: Path, **params: Any) -> int:
         """Stream the body of a GET to ``dest`` (whole or not at all); the lines written."""
         part = dest.with_name(dest.name + ".part")
@@ -215,7 +221,7 @@ def upload_source(path: Path, model: str | None) -> Iterator[IO[bytes]]:
             yield rewritten
 
 
-def _say(message: str) -> None:
+def say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
@@ -290,23 +296,23 @@ def finish(api: Api, batch: dict[str, Any], *, output: Path) -> int:
     """Report an ended batch and download its output and error files; the exit status."""
     batch_id = batch["id"]
     if batch["status"] == "failed":
-        _say(f"batch {batch_id} failed validation:")
+        say(f"batch {batch_id} failed validation:")
         for error in (batch.get("errors") or {}).get("data") or []:
             where = f"line {error['line']}" if error.get("line") is not None else "file"
-            _say(f"  {where}: {error.get('code')}: {error.get('message')}")
+            say(f"  {where}: {error.get('code')}: {error.get('message')}")
         return LINES_FAILED
     # A batch whose every line failed ends completed with no output file: nothing to write.
     if batch.get("output_file_id"):
         lines = api.save(f"/v1/files/{batch['output_file_id']}/content", output)
-        _say(f"output: {output} ({_lines(lines)})")
+        say(f"output: {output} ({_lines(lines)})")
     if batch.get("error_file_id"):
         errors = _errors_path(output)
         lines = api.save(f"/v1/files/{batch['error_file_id']}/content", errors)
-        _say(f"errors: {errors} ({_lines(lines)})")
-    _say(f"batch {batch_id} {batch['status']}: {_counts(batch)}")
+        say(f"errors: {errors} ({_lines(lines)})")
+    say(f"batch {batch_id} {batch['status']}: {_counts(batch)}")
     if _all_succeeded(batch):
         return OK
-    _say(f"not every line succeeded; `chatjobs batch retry {batch_id}` runs those again")
+    say(f"not every line succeeded; `chatjobs batch retry {batch_id}` runs those again")
     return LINES_FAILED
 
 
@@ -316,11 +322,11 @@ def follow(api: Api, batch: dict[str, Any], *, output: Path) -> int:
     try:
         batch = wait(api, batch)
     except KeyboardInterrupt:
-        _say(f"stopped waiting; batch {batch['id']} goes on. To wait again: {resume}")
+        say(f"stopped waiting; batch {batch['id']} goes on. To wait again: {resume}")
         return INTERRUPTED
     except ApiError as exc:
-        _say(f"error: {exc}")
-        _say(f"stopped waiting; batch {batch['id']} may go on. To wait again: {resume}")
+        say(f"error: {exc}")
+        say(f"stopped waiting; batch {batch['id']} may go on. To wait again: {resume}")
         return ERROR
     return finish(api, batch, output=output)
 
@@ -371,7 +377,7 @@ def status(ns: argparse.Namespace, api: Api) -> int:
         table.add_row(name, value)
     for error in (batch.get("errors") or {}).get("data") or []:
         table.add_row("error", f"line {error.get('line')}: {error['code']}: {error['message']}")
-    _console().print(table)
+    console().print(table)
     return OK
 
 
@@ -388,15 +394,15 @@ def list_batches(ns: argparse.Namespace, api: Api) -> int:
             str(counts["failed"]),
             _time(batch["created_at"]),
         )
-    _console().print(table)
+    console().print(table)
     if page.get("has_more"):
-        _say(f"more: chatjobs batch list --after {page['last_id']}")
+        say(f"more: chatjobs batch list --after {page['last_id']}")
     return OK
 
 
 def cancel(ns: argparse.Namespace, api: Api) -> int:
     batch = api.post(f"/v1/batches/{ns.id}/cancel", key=None)
-    _say(f"batch {batch['id']} {batch['status']}: {_counts(batch)}")
+    say(f"batch {batch['id']} {batch['status']}: {_counts(batch)}")
     return OK
 
 
@@ -415,11 +421,11 @@ def results(ns: argparse.Namespace, api: Api) -> int:
         sys.stdout.buffer.flush()
     else:
         lines = api.save(path, ns.output, after=ns.after)
-        _say(f"{ns.output}: {_lines(lines)}")
+        say(f"{ns.output}: {_lines(lines)}")
     return OK
 
 
-def _console() -> Console:
+def console() -> Console:
     # Piped, rich would fit the table to 80 columns and cut the ids short.
     return Console(width=None if sys.stdout.isatty() else 200)
 
@@ -430,15 +436,15 @@ def run(
     transport: httpx.BaseTransport | None = None,
     sleep: Sleep = time.sleep,
 ) -> int:
-    """Run the parsed `chatjobs batch ...` command; its exit status."""
+    """Run the parsed `chatjobs batch ...` (or other API client) command; its exit status."""
     try:
         with Api(base_url=ns.api_url, api_key=ns.api_key, transport=transport, sleep=sleep) as api:
-            return int(ns.batch_command(ns, api))
+            return int(ns.api_command(ns, api))
     except (ApiError, OSError) as exc:
-        _say(f"error: {exc}")
+        say(f"error: {exc}")
         return ERROR
     except KeyboardInterrupt:
-        _say("interrupted")
+        say("interrupted")
         return INTERRUPTED
 
 
@@ -446,15 +452,15 @@ def _main(ns: argparse.Namespace) -> NoReturn:
     sys.exit(run(ns))
 
 
-def _pair(text: str) -> tuple[str, str]:
+def pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
     return key, value
 
 
-def add_parser(sub: Any) -> None:
-    """Add `batch` and its commands to the `chatjobs` subparsers ``sub``."""
+def api_options() -> argparse.ArgumentParser:
+    """The options of every command that is a client of the API: where it is, and the key."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--api-url",
@@ -466,6 +472,32 @@ def add_parser(sub: Any) -> None:
         default=os.environ.get("CHATJOBS_API_KEY"),
         help="sent as a Bearer token (default: CHATJOBS_API_KEY)",
     )
+    return common
+
+
+Command = Callable[[argparse.Namespace, Api], int]
+
+
+def command_group(sub: Any, name: str, **options: Any) -> Callable[..., argparse.ArgumentParser]:
+    """Add the command group ``name`` (parser ``options``: help, description, epilog) to the
+    `chatjobs` subparsers ``sub``; a function ``command(name, func, help, *parents)`` that adds
+    a command to it, run against the API by ``run``."""
+    group = sub.add_parser(name, **options)
+    commands = group.add_subparsers(dest=f"{name}_name", required=True)
+    common = api_options()
+
+    def command(
+        command_name: str, func: Command, help: str, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        parser = commands.add_parser(command_name, help=help, parents=[common, *parents])
+        parser.set_defaults(func=_main, api_command=func)
+        return parser
+
+    return command
+
+
+def add_parser(sub: Any) -> None:
+    """Add `batch` and its commands to the `chatjobs` subparsers ``sub``."""
     waiting = argparse.ArgumentParser(add_help=False)
     waiting.add_argument(
         "--wait", action="store_true", help="show progress until it ends, then download"
@@ -477,19 +509,14 @@ def add_parser(sub: Any) -> None:
         "input, or BATCH_ID.output.jsonl); the error file goes beside it as NAME.errors.jsonl",
     )
 
-    batch = sub.add_parser(
+    command = command_group(
+        sub,
         "batch",
         help="OpenAI-compatible batches over the API",
         description=__doc__.split("\n\n", 1)[0],
         epilog="exit status: 0 all lines succeeded; 1 validation failed or some line did "
         "not succeed; 2 usage or HTTP error; 130 waiting stopped by Ctrl-C",
     )
-    commands = batch.add_subparsers(dest="batch_name", required=True)
-
-    def command(name: str, func: Callable[..., int], help: str, *parents: Any) -> Any:
-        parser = commands.add_parser(name, help=help, parents=[common, *parents])
-        parser.set_defaults(func=_main, batch_command=func)
-        return parser
 
     new = command("submit", submit, "upload a JSONL file and create a batch of it", waiting)
     new.add_argument("file", type=Path, help="JSONL: custom_id, method, url, body per line")
@@ -497,7 +524,7 @@ def add_parser(sub: Any) -> None:
     new.add_argument("--window", default="24h", help="completion window (default: %(default)s)")
     new.add_argument(
         "--metadata",
-        type=_pair,
+        type=pair,
         action="extend",
         nargs="+",
         metavar="KEY=VALUE",

@@ -1,4 +1,5 @@
-"""`chatjobs ...`: run the services, migrate, manage keys, simulate an upstream, run batches."""
+"""`chatjobs ...`: run the services, migrate, manage keys, simulate an upstream, run batches
+and schedules."""
 
 from __future__ import annotations
 
@@ -330,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.set_defaults(func=_prune)
 
-    from chatjobs import batch_cli
+    from chatjobs import batch_cli, schedule_cli
 
     batch_cli.add_parser(sub)
+    schedule_cli.add_parser(sub)
     return parser
 
 

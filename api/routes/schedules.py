@@ -9,7 +9,7 @@ firing hours later.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -65,20 +65,18 @@ def _rule(exc: cron.InvalidSchedule) -> ValueError:
     return ValueError(exc.message.removeprefix(f"{exc.field}: "))
 
 
-def _cron(value: str) -> str:
-    try:
-        cron.parse_cron(value)
-    except cron.InvalidSchedule as exc:
-        raise _rule(exc) from None
-    return value
+def _judged_by(check: Callable[[str], object]) -> AfterValidator:
+    """A field validator running ``check`` (cron.parse_cron, cron.check_timezone): the
+    InvalidSchedule it raises is the field's 422."""
 
+    def validate(value: str) -> str:
+        try:
+            check(value)
+        except cron.InvalidSchedule as exc:
+            raise _rule(exc) from None
+        return value
 
-def _timezone(value: str) -> str:
-    try:
-        cron.check_timezone(value)
-    except cron.InvalidSchedule as exc:
-        raise _rule(exc) from None
-    return value
+    return AfterValidator(validate)
 
 
 def _instant(value: datetime) -> datetime:
@@ -140,10 +138,12 @@ class ScheduleCreate(_Body):
             description="5 fields (minute hour day-of-month month day-of-week) or @hourly, "
             "@daily, @weekly, @monthly, @yearly; DST as cron(8)",
         ),
-        AfterValidator(_cron),
+        _judged_by(cron.parse_cron),
     ]
     timezone: Annotated[
-        str, Field(min_length=1, max_length=64, description="IANA zone"), AfterValidator(_timezone)
+        str,
+        Field(min_length=1, max_length=64, description="IANA zone"),
+        _judged_by(cron.check_timezone),
     ] = "UTC"
     start_at: Instant | None = None
     end_at: Instant | None = None
@@ -396,8 +396,16 @@ SCHEDULE_EXAMPLE: dict[str, Any] = {
 }
 
 
-def _changes(body: BaseModel) -> dict[str, Any]:
-    return {name: getattr(body, name) for name in body.model_fields_set}
+def _page(
+    data: Sequence[ScheduleObject] | Sequence[FiringObject], has_more: bool
+) -> dict[str, Any]:
+    """A cursor page's fields: the next request names ``last_id`` as ``after``."""
+    return {
+        "data": data,
+        "has_more": has_more,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+    }
 
 
 def _firing(session: Session, firing: ScheduleFiring) -> FiringObject:
@@ -440,12 +448,7 @@ def list_schedules(
             session, tenant_id=tenant_id, after=after, limit=limit
         )
         data = [ScheduleObject.of(schedule) for schedule in page]
-    return ScheduleList(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return ScheduleList(**_page(data, has_more))
 
 
 @router.get("/{schedule_id}", response_model=ScheduleObject, responses=errors(404))
@@ -466,7 +469,7 @@ def update_schedule(
     """Change any of the create fields. `{"paused": true, "note": "..."}` pauses;
     `{"paused": false}` resumes from now (times that passed while paused are not fired); a
     new cron, zone or start_at also counts from now."""
-    changes = _changes(body)
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
     with session_scope() as session:
         current = service.get_schedule(session, tenant_id=tenant_id, schedule_id=schedule_id)
         if "template" in changes:
@@ -541,9 +544,4 @@ def list_firings(
             session, tenant_id=tenant_id, schedule_id=schedule_id, after=after, limit=limit
         )
         data = [FiringObject.of(read) for read in page]
-    return FiringList(
-        data=data,
-        has_more=has_more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return FiringList(**_page(data, has_more))
