@@ -4,6 +4,29 @@ and max_runs, triggers, backfills and batch templates.
 
 Each test runs on a queue of its own (the ``queue`` fixture) and calls ``tick(now=...)``
 itself, as beat's ticker would; no worker runs, so a job's end is written by the test.
+Three real beat processes over real minutes are in test_schedule_tickers.py.
+
+DST transitions tested through the ticker (ticked every minute from 100 minutes before the
+offset change to 100 after; fire instants in UTC):
+
+==========================  ==========  ==============================  ====================
+zone, date                  change      fixed time                      ``0 * * * *``
+==========================  ==========  ==============================  ====================
+Europe/Berlin 2026-03-29    01:00 UTC   30 2 -> 01:00 (03:00 CEST)      00:00, 01:00, 02:00
+Europe/Berlin 2026-10-25    01:00 UTC   30 2 -> 00:30 (02:30 CEST) only 00:00, 01:00, 02:00
+Europe/Berlin 2027-03-28    01:00 UTC   30 2 -> 01:00 (03:00 CEST)      00:00, 01:00, 02:00
+Europe/Berlin 2027-10-31    01:00 UTC   30 2 -> 00:30 (02:30 CEST) only 00:00, 01:00, 02:00
+America/New_York 2026-03-08 07:00 UTC   30 2 -> 07:00 (03:00 EDT)       06:00, 07:00, 08:00
+America/New_York 2026-11-01 06:00 UTC   30 1 -> 05:30 (01:30 EDT) only; 05:00, 06:00, 07:00
+                                        30 2 -> 07:30 (02:30 EST)
+America/New_York 2027-03-14 07:00 UTC   30 2 -> 07:00 (03:00 EDT)       06:00, 07:00, 08:00
+America/New_York 2027-11-07 06:00 UTC   30 1 -> 05:30 (01:30 EDT) only; 05:00, 06:00, 07:00
+                                        30 2 -> 07:30 (02:30 EST)
+==========================  ==========  ==============================  ====================
+
+A wall time in the spring gap fires once, at the gap's end; a repeated wall time fires once,
+on its first pass; hourly keeps one firing per real hour through both. Each fires on the
+first tick at or after its instant, and ``next_fire_times`` shows the shift beforehand.
 """
 
 from __future__ import annotations
@@ -156,6 +179,25 @@ def job_status(job_id: uuid.UUID) -> JobStatus:
         return job.status
 
 
+# The sequences the simulation gives (fired at, started at; skipped; still buffered), written
+# out so the behaviour reads here too.
+EXPECTED_OVERLAP: dict[OverlapPolicy, tuple[list[tuple[int, int]], list[int], list[int]]] = {
+    OverlapPolicy.skip: (
+        [(0, 0), (120, 120), (240, 240), (360, 360), (480, 480)],
+        [60, 180, 300, 420, 540],
+        [],
+    ),
+    OverlapPolicy.buffer_one: (
+        [(0, 0), (60, 90), (120, 180), (180, 270), (300, 360), (360, 450), (480, 540)],
+        [240, 420],
+        [540],
+    ),
+    OverlapPolicy.buffer_all: ([(k * 60, k * 90) for k in range(7)], [], [420, 480, 540]),
+    OverlapPolicy.allow_all: ([(k * 60, k * 60) for k in range(10)], [], []),
+    OverlapPolicy.cancel_other: ([(k * 60, k * 60) for k in range(10)], [], []),
+}
+
+
 @pytest.mark.parametrize("policy", list(OverlapPolicy))
 def test_each_overlap_policy_with_a_90s_job_on_a_60s_schedule_acts_as_the_plan_says(
     tenant: uuid.UUID, policy: OverlapPolicy
@@ -174,25 +216,6 @@ def test_each_overlap_policy_with_a_90s_job_on_a_60s_schedule_acts_as_the_plan_s
     cancelled = {run.fired_at for run in sim.runs if run.cancelled}
     assert {seconds[job.id] for job in jobs if job.status == JobStatus.cancelled} == cancelled
     assert EXPECTED_OVERLAP[policy] == (started(sim), sim.skipped, sim.waiting)
-
-
-# The sequences the simulation gives (fired at, started at; skipped; still buffered), written
-# out so the behaviour reads here too.
-EXPECTED_OVERLAP: dict[OverlapPolicy, tuple[list[tuple[int, int]], list[int], list[int]]] = {
-    OverlapPolicy.skip: (
-        [(0, 0), (120, 120), (240, 240), (360, 360), (480, 480)],
-        [60, 180, 300, 420, 540],
-        [],
-    ),
-    OverlapPolicy.buffer_one: (
-        [(0, 0), (60, 90), (120, 180), (180, 270), (300, 360), (360, 450), (480, 540)],
-        [240, 420],
-        [540],
-    ),
-    OverlapPolicy.buffer_all: ([(k * 60, k * 90) for k in range(7)], [], [420, 480, 540]),
-    OverlapPolicy.allow_all: ([(k * 60, k * 60) for k in range(10)], [], []),
-    OverlapPolicy.cancel_other: ([(k * 60, k * 60) for k in range(10)], [], []),
-}
 
 
 # --- catch-up after 2 h of downtime ------------------------------------------------------------
