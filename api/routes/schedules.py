@@ -412,7 +412,7 @@ def _firing(session: Session, firing: ScheduleFiring) -> FiringObject:
     """A firing just made, with its outcome as GET .../firings shows it."""
     job = session.scalar(select(Job.status).where(Job.id == firing.job_id))
     batch = session.scalar(select(Batch.status).where(Batch.id == firing.batch_id))
-    outcome = service._outcome(firing.status, job, batch)
+    outcome = service.outcome(firing.status, job, batch)
     return FiringObject.of(service.FiringRead(firing, outcome))
 
 

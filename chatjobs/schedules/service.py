@@ -51,7 +51,7 @@ from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ChatJobsError, Conflict, InvalidRequest, NotFound
 from chatjobs.jobs.dispatch import PRIORITY_BACKFILL
-from chatjobs.models import Batch, Job, Schedule, ScheduleFiring, uuid7
+from chatjobs.models import Batch, Job, Schedule, ScheduleFiring, Tenant, uuid7
 from chatjobs.schedules import cron, plan
 from chatjobs.schedules.template import (
     check_template_variables,
@@ -120,7 +120,13 @@ def check(spec: Spec) -> None:
     cron.validate(spec.cron, spec.timezone)
     check_template_variables(spec.template)
     if spec.start_at is not None and spec.end_at is not None and spec.end_at <= spec.start_at:
-        raise InvalidRequest("end_at must be after start_at", param="end_at")
+        raise InvalidWindow("end_at: must be after start_at")
+
+
+class InvalidWindow(cron.InvalidSchedule):
+    """A schedule's end is not after its start."""
+
+    field = "end_at"
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -204,13 +210,14 @@ def list_firings(
         stmt.order_by(ScheduleFiring.scheduled_for.desc()).limit(limit + 1)
     ).all()
     page = [
-        FiringRead(firing, _outcome(firing.status, job_status, batch_status))
+        FiringRead(firing, outcome(firing.status, job_status, batch_status))
         for firing, job_status, batch_status in rows[:limit]
     ]
     return page, len(rows) > limit
 
 
-def _outcome(status: str, job_status: Any, batch_status: str | None) -> str:
+def outcome(status: str, job_status: Any, batch_status: str | None) -> str:
+    """What came of a firing: its job's or batch's status once it fired, else its own."""
     if status != "fired":
         return status
     if job_status is not None:
@@ -226,6 +233,8 @@ def create_schedule(
 ) -> Schedule:
     """Store a schedule; it fires from the first nominal instant after now (or start_at)."""
     check(spec)
+    # The tenant's row, locked: concurrent creates count one after the other.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     count = session.scalar(
         select(func.count()).select_from(Schedule).where(Schedule.tenant_id == tenant_id)
     )
@@ -331,16 +340,22 @@ class Fired:
 
     jobs: list[uuid.UUID] = field(default_factory=list)
     batches: list[str] = field(default_factory=list)
+    # Batches moved to cancelling (cancel_other): their lines are ended after the commit,
+    # as the API's cancel does.
+    cancelling: list[str] = field(default_factory=list)
     firings: int = 0
 
     def add(self, other: Fired) -> None:
         self.jobs += other.jobs
         self.batches += other.batches
+        self.cancelling += other.cancelling
         self.firings += other.firings
 
     def after_commit(self) -> None:
         if self.jobs:
             jobs.poke()
+        for batch_id in self.cancelling:
+            batches.end_all(batches.cancel_lines, batch_id)
         for batch_id in self.batches:
             batches.validate_soon(batch_id)
 
@@ -455,14 +470,16 @@ def _start(
     if firing is None:
         return occupancy, False
     if action is plan.OverlapAction.cancel_and_start:
-        _cancel_open(session, schedule)
+        fired.cancelling += _cancel_open(session, schedule)
     if status == "fired":
         _submit(session, schedule, firing, fired, backfill=False)
     return after, status != "skipped"
 
 
-def _cancel_open(session: Session, schedule: Schedule) -> None:
-    """cancel_other: end the jobs and batches of the open firings."""
+def _cancel_open(session: Session, schedule: Schedule) -> list[str]:
+    """cancel_other: end the jobs of the open firings and move their batches to cancelling;
+    returns those batches (their lines are ended once this commits)."""
+    cancelling: list[str] = []
     open_firings = session.scalars(
         select(ScheduleFiring).where(
             ScheduleFiring.schedule_id == schedule.id, ScheduleFiring.open.is_(True)
@@ -476,12 +493,15 @@ def _cancel_open(session: Session, schedule: Schedule) -> None:
                         session=session, tenant_id=schedule.tenant_id, job_id=firing.job_id
                     )
                 elif firing.batch_id is not None:
-                    batches.cancel_batch(
+                    batch = batches.cancel_batch(
                         session, tenant_id=schedule.tenant_id, batch_id=firing.batch_id
                     )
+                    if batch.status == "cancelling":
+                        cancelling.append(batch.id)
         except (NotFound, Conflict):
             pass  # it ended meanwhile
         firing.open = False
+    return cancelling
 
 
 def _maybe_pause(session: Session, schedule: Schedule) -> None:

@@ -638,6 +638,35 @@ def test_a_batch_template_fires_a_batch(tenant: uuid.UUID) -> None:
     assert [row[2] for row in firings(schedule_id)] == ["fired", "skipped"]
 
 
+def test_cancel_other_cancels_a_running_batch_and_its_lines(tenant: uuid.UUID) -> None:
+    file_id = upload_batch_file(tenant)
+    schedule_id = create(
+        tenant, kind="batch", template={"input_file_id": file_id}, overlap_policy="cancel_other"
+    )
+    service.tick(now=T0 + minutes(1) + timedelta(seconds=1))
+    first = firing_batches(schedule_id)[0]
+    batches.ingest(first)
+    wait_for(lambda: batch_status(first) == "in_progress")
+    service.tick(now=T0 + minutes(2) + timedelta(seconds=1))
+    # The first batch is cancelled with its lines (after the tick's commit, as the API's
+    # cancel does), and the second one fired.
+    assert batch_status(first) == "cancelled"
+    assert len(firing_batches(schedule_id)) == 2
+
+
+def firing_batches(schedule_id: str) -> list[str]:
+    with session_scope() as session:
+        return [
+            batch_id
+            for batch_id in session.scalars(
+                select(ScheduleFiring.batch_id)
+                .where(ScheduleFiring.schedule_id == schedule_id)
+                .order_by(ScheduleFiring.scheduled_for)
+            )
+            if batch_id is not None
+        ]
+
+
 def wait_for(condition: Any, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
