@@ -124,6 +124,22 @@ class Limits:
         stretch = 1 + (1 / self.headroom - 1) * _LOG_MARGIN
         return allowance, allowance * self.window_seconds / limit * stretch
 
+    def start_slack(self, limit: int | None) -> float:
+        """How much of a late start's lateness the start pace keeps on its schedule.
+
+        Each start sets the next no earlier than one share after (its time - slack), so m + 1
+        starts span at least m shares - slack: the interval's allowance + 1 starts span at
+        least its whole stretched span - slack. Half the stretch (5 ms of the 10 at 1,200
+        RPM) keeps every interval at its share at the sender, and leaves the other half as the
+        margin for arrival jitter. Without it each late wake-up's lateness was lost for good
+        (measured: 19.3 starts/s where GCRA handed out 19.6; request-bound +8.7 %).
+        """
+        allowance, span = self.interval_share(limit)
+        if not allowance or limit is None:
+            return 0.0
+        exact = allowance * self.window_seconds / limit  # the allowance at exactly the limit
+        return max(0.0, (span - exact) / 2)
+
     def pause_after_429(self, tokens: int) -> float:
         """How long every process pauses after a 429 that named no Retry-After.
 
@@ -341,13 +357,17 @@ _START = (
     _COMMON
     + """
 -- KEYS: state hash. ARGV: tokens, then seconds per unit at the start pace for requests and for
--- tokens (0: not limited), how long to keep the hash beyond its latest time. Zero tolerance,
--- like acquire: a start is never early on the one before it.
+-- tokens (0: not limited), how long to keep the hash beyond its latest time, then the slack of
+-- each dimension. A start is never early on its schedule; a late one keeps up to its slack of
+-- the lateness on the schedule (the next may follow it by one share less the slack), so small
+-- delays are caught up instead of lost.
 local now = clock()
 local cost, keep_for = tonumber(ARGV[1]), tonumber(ARGV[4])
 local dims = {
-  {name = 'requests', f = 'req_next', cost = 1, per = tonumber(ARGV[2])},
-  {name = 'tokens', f = 'tok_next', cost = cost, per = tonumber(ARGV[3])},
+  {name = 'requests', f = 'req_next', cost = 1, per = tonumber(ARGV[2]),
+   slack = tonumber(ARGV[5])},
+  {name = 'tokens', f = 'tok_next', cost = cost, per = tonumber(ARGV[3]),
+   slack = tonumber(ARGV[6])},
 }
 local cool = tonumber(redis.call('HGET', KEYS[1], 'cool'))
 if cool and cool > now then return {0, fmt(cool - now), 'cooldown'} end
@@ -361,7 +381,7 @@ end
 if wait > 0 then return {0, fmt(wait), why} end
 for _, d in ipairs(dims) do
   if d.per > 0 then
-    redis.call('HSET', KEYS[1], d.f, fmt(math.max(d.next, now) + d.cost * d.per))
+    redis.call('HSET', KEYS[1], d.f, fmt(math.max(d.next, now - d.slack) + d.cost * d.per))
   end
 end
 keep(KEYS[1], now, keep_for)
@@ -480,6 +500,8 @@ class RateLimiter:
             repr(per_request),
             repr(per_token),
             repr(max(span_req, span_tok)),
+            repr(limits.start_slack(limits.rpm)),
+            repr(limits.start_slack(limits.tpm)),
         ]
         waited = 0.0
         while True:

@@ -292,6 +292,25 @@ def test_start_waits_for_its_turn_then_records_the_call(limiter: RateLimiter) ->
     assert state["requests_next_start"] == pytest.approx(state["now"] + 0.101, abs=0.02)
 
 
+def test_a_late_start_keeps_its_slack_on_the_schedule_so_the_next_catches_up(
+    limiter: RateLimiter,
+) -> None:
+    # 10 calls per 1.5 s (headroom 0.5 stretches the pace by half): a share is 0.15 s, the
+    # slack half the stretch, 0.25 s.
+    limits = Limits(rpm=600, headroom=0.5)
+    assert limits.start_slack(600) == pytest.approx(0.25)
+    assert limiter.start("k", limits, tokens=1).granted
+    time.sleep(0.5)  # this start is 0.35 s late on its schedule
+    assert limiter.start("k", limits, tokens=1, max_wait=0).granted
+
+    # Its next start is at its own time - 0.25 + 0.15: already due, one share of the lateness
+    # is caught up at once; the one after that waits for the rest of its share.
+    assert limiter.start("k", limits, tokens=1, max_wait=0).granted
+    after = limiter.start("k", limits, tokens=1, max_wait=0)
+    assert (after.granted, after.reason) == (False, "requests")
+    assert after.wait == pytest.approx(0.05, abs=0.03)
+
+
 def test_start_paces_tokens_by_the_size_of_the_last_call(limiter: RateLimiter) -> None:
     limits = Limits(tpm=6000)  # 100 tokens per 1.0102 s
     assert limiter.start("k", limits, tokens=60).granted
