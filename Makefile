@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Everything on 127.0.0.1 unless `make run HOST=0.0.0.0`; Flower behind basic auth; the demo
+# key and Flower's password kept in .run/ (mode 600) and reused (scripts/run.sh).
 run: install
 	bash scripts/run.sh
 

@@ -201,6 +201,17 @@ def _dev_services(ns: argparse.Namespace) -> None:
     )
 
 
+def _dev_key(ns: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from chatjobs.devkey import demo_key
+
+    key, new = demo_key(Path(ns.file), tenant=ns.tenant)
+    said = "created" if new else "reused"
+    print(f"API key for tenant {ns.tenant!r} ({said}, kept in {ns.file}):", file=sys.stderr)
+    print(key)
+
+
 def _duration(text: str) -> timedelta:
     """``30d``, ``12h``, ``90m``, ``45s`` (a bare number is days)."""
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
@@ -319,6 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--dir", default=".run/services", help="where the data and logs live")
     dev.add_argument("--only", choices=["postgres", "redis"], help="start just this one")
     dev.set_defaults(func=_dev_services)
+
+    dev_key = sub.add_parser(
+        "dev-key",
+        help="print the API key kept in a file (mode 600), creating one if it no longer works",
+    )
+    dev_key.add_argument("--tenant", default="demo")
+    dev_key.add_argument("--file", default=".run/demo-key", help="where the key is kept")
+    dev_key.set_defaults(func=_dev_key)
 
     prune = sub.add_parser(
         "prune", help="delete finished jobs past retention, with their steps, calls, deliveries"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: migrate, then start api, worker, beat, flower and (when no upstream is
 # configured) the simulator; print an API key and curl lines. Ctrl-C stops all of it.
+# Everything listens on 127.0.0.1 unless HOST says otherwise (HOST=0.0.0.0: every interface).
+# Flower asks for CHATJOBS_FLOWER_AUTH (user:password), else for a pair generated once and
+# kept in $LOGS/flower-auth; the demo key is kept in $LOGS/demo-key while it still works.
 # When the configured Postgres or Redis does not answer, private ones are started
 # (`chatjobs dev-services` in $LOGS/services) and stopped with the rest.
 set -euo pipefail
@@ -13,6 +16,13 @@ export CHATJOBS_REDIS_URL=${CHATJOBS_REDIS_URL:-redis://localhost:6379/0}
 API_PORT=${API_PORT:-8000}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 SIM_PORT=${SIM_PORT:-8100}
+HOST=${HOST:-127.0.0.1}
+case $HOST in  # where a client on this machine reaches what listens on $HOST
+  0.0.0.0) LOCAL=127.0.0.1 ;;
+  ::) LOCAL='[::1]' ;;
+  *:*) LOCAL="[$HOST]" ;;
+  *) LOCAL=$HOST ;;
+esac
 LOGS=${LOGS:-.run}
 mkdir -p "$LOGS"
 
@@ -68,38 +78,54 @@ fi
 
 chatjobs migrate
 
-if [ -z "${CHATJOBS_UPSTREAM_BASE_URL:-}" ]; then
-  export CHATJOBS_UPSTREAM_BASE_URL="http://127.0.0.1:$SIM_PORT/v1"
-  start simulator chatjobs simulate --port "$SIM_PORT" --latency 0.5
+if [ -n "${CHATJOBS_FLOWER_AUTH:-}" ]; then
+  FLOWER_AUTH=$CHATJOBS_FLOWER_AUTH
+  flower_said="CHATJOBS_FLOWER_AUTH's user and password"
+else
+  read -r flower_new FLOWER_AUTH < <(python -c 'import sys; from pathlib import Path
+from chatjobs.devkey import flower_auth
+pair, new = flower_auth(Path(sys.argv[1])); print(int(new), pair)' "$LOGS/flower-auth")
+  flower_said="user ${FLOWER_AUTH%%:*}, password in $LOGS/flower-auth"
+  [ "$flower_new" = 1 ] && flower_said="user ${FLOWER_AUTH%%:*}, password ${FLOWER_AUTH#*:} (new; kept in $LOGS/flower-auth, shown only now)"
 fi
-start api chatjobs api --port "$API_PORT"
+
+if [ -z "${CHATJOBS_UPSTREAM_BASE_URL:-}" ]; then
+  export CHATJOBS_UPSTREAM_BASE_URL="http://$LOCAL:$SIM_PORT/v1"
+  start simulator chatjobs simulate --host "$HOST" --port "$SIM_PORT" --latency 0.5
+fi
+start api chatjobs api --host "$HOST" --port "$API_PORT"
 start worker chatjobs worker
 start beat chatjobs beat
-start flower celery -A worker flower --port="$FLOWER_PORT"
+# The password goes in Flower's environment, not its argv, which `ps` shows every user.
+FLOWER_BASIC_AUTH=$FLOWER_AUTH start flower celery -A worker flower --address="$HOST" --port="$FLOWER_PORT"
 
 for _ in $(seq 1 60); do
-  curl -fsS "http://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1 && break
+  curl -fsS "http://$LOCAL:$API_PORT/readyz" >/dev/null 2>&1 && break
   sleep 0.5
 done
-curl -fsS "http://127.0.0.1:$API_PORT/readyz" >/dev/null || { echo "api did not become ready; see $LOGS/api.log"; exit 1; }
+curl -fsS "http://$LOCAL:$API_PORT/readyz" >/dev/null || { echo "api did not become ready; see $LOGS/api.log"; exit 1; }
 
-KEY=$(chatjobs keys create --tenant demo 2>/dev/null | tail -n 1)
+KEY=$(chatjobs dev-key --tenant demo --file "$LOGS/demo-key" 2>"$LOGS/dev-key.log") \
+  || { cat "$LOGS/dev-key.log"; exit 1; }
+key_said=$(cat "$LOGS/dev-key.log")
+listening="listening on $HOST only"
+[ "$HOST" = 0.0.0.0 ] && listening="listening on every interface (HOST=0.0.0.0)"
 cat <<EOT
 
-chatjobs is running.
-  API      http://127.0.0.1:$API_PORT   (OpenAPI at /docs)
-  Flower   http://127.0.0.1:$FLOWER_PORT
+chatjobs is running, $listening.
+  API      http://$LOCAL:$API_PORT   (OpenAPI at /docs)
+  Flower   http://$LOCAL:$FLOWER_PORT   ($flower_said)
   Upstream $CHATJOBS_UPSTREAM_BASE_URL
 
-API key (tenant demo):
+$key_said
   $KEY
 
 Submit the seed's first example:
-  curl -s http://127.0.0.1:$API_PORT/v1/jobs -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
+  curl -s http://$LOCAL:$API_PORT/v1/jobs -H "Authorization: Bearer $KEY" -H 'Content-Type: application/json' \\
     -d '{"request": {"model": "gpt-4.1", "messages": [{"role": "user", "content": "What are the three laws of thermodynamics?"}]}}'
 
 Poll it (put the id from the answer in JOB):
-  curl -s http://127.0.0.1:$API_PORT/v1/jobs/\$JOB -H "Authorization: Bearer $KEY"
+  curl -s http://$LOCAL:$API_PORT/v1/jobs/\$JOB -H "Authorization: Bearer $KEY"
 
 Ctrl-C stops everything.
 EOT
