@@ -4,7 +4,6 @@ and schedules."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -15,6 +14,8 @@ from chatjobs.settings import get_settings
 def _api(ns: argparse.Namespace) -> None:
     import uvicorn
 
+    from chatjobs import logs
+
     uvicorn.run(
         "api.app:create_app",
         factory=True,
@@ -22,6 +23,7 @@ def _api(ns: argparse.Namespace) -> None:
         port=ns.port,
         workers=ns.workers,
         log_level="info",
+        log_config=logs.config(),
         access_log=ns.access_log,
     )
 
@@ -358,11 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # One line per upstream call comes from chatjobs.worker; these would repeat it, and the
-    # per-second dispatcher ticks would drown everything else.
-    for noisy in ("httpx", "celery.app.trace", "celery.worker.strategy"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from chatjobs import logs
+
+    logs.configure()
     ns = build_parser().parse_args(argv)
     ns.func(ns)
 

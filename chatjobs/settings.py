@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,6 +32,9 @@ class Settings(BaseSettings):
     limiter_max_wait_seconds: float = Field(2.0, ge=0)
     default_output_budget: int = Field(1024, ge=1)
     chunk_overlap_tokens: int = Field(100, ge=0)
+
+    # json, text, or auto: text on a terminal, json anywhere else (chatjobs.logs).
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     worker_pool: str = "threads"
     worker_concurrency: int = Field(64, ge=1)

@@ -8,10 +8,16 @@ import threading
 from typing import Any
 
 from celery.schedules import crontab
-from celery.signals import beat_init, worker_init, worker_process_init, worker_ready
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+)
 from sqlalchemy import text
 
-from chatjobs import longcontext
+from chatjobs import logs, longcontext
 from chatjobs.db import reset_engine, session_scope
 from chatjobs.queue import make_celery
 from worker.runtime import get_runtime, set_pool_slots
@@ -30,6 +36,12 @@ app.conf.beat_schedule = {
         "options": {"expires": 3600},
     },
 }
+
+
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_: Any) -> None:
+    # A receiver here replaces Celery's own setup: its lines come out in CHATJOBS_LOG_FORMAT.
+    logs.configure(loglevel or "INFO")
 
 
 @beat_init.connect

@@ -130,6 +130,7 @@ def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
         wait = decision.wait
         if not decision.granted or wait > settings.limiter_max_wait_seconds:
             return _defer(runtime, claim, decision.granted, reserved, wait, decision.reason)
+    waiting = time.monotonic()
     try:
         if wait > 0:
             time.sleep(wait)
@@ -141,7 +142,8 @@ def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
         )
         if not go.granted:  # a long cool-down began meanwhile: the slot is lost, ask again
             return _defer(runtime, claim, False, reserved, go.wait, go.reason)
-        return _call(runtime, claim, route, reserved=reserved)
+        waited = time.monotonic() - waiting
+        return _call(runtime, claim, route, reserved=reserved, limiter_wait=waited)
     finally:
         _advisory("release", lambda: runtime.limiter.release(route.limit_key, call_id))
 
@@ -215,7 +217,14 @@ def _advisory(what: str, work: Callable[[], object]) -> None:
         log.warning("%s failed (advisory; the outcome is already recorded)", what, exc_info=True)
 
 
-def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | None = None) -> str:
+def _call(
+    runtime: Runtime,
+    claim: jobs.Claim,
+    route: Route,
+    *,
+    reserved: int | None = None,
+    limiter_wait: float | None = None,
+) -> str:
     started = time.monotonic()
     completion: Completion | None = None
     err: UpstreamError | None = None
@@ -227,7 +236,7 @@ def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | 
         err = exc
     # The outcome of a paid call is written first; limiter bookkeeping after, and its
     # failures (Redis down, an odd usage) cannot lose or repeat the call.
-    outcome = _record_outcome(claim, completion, err, time.monotonic() - started)
+    outcome = _record_outcome(claim, completion, err, time.monotonic() - started, limiter_wait)
     if reserved is not None:
         limits, key = route.limits, route.limit_key
         if err is not None and err.status_code == 429:
@@ -253,8 +262,36 @@ def _call(runtime: Runtime, claim: jobs.Claim, route: Route, *, reserved: int | 
     return outcome
 
 
+def _log_call(claim: jobs.Claim, call: jobs.Call, limiter_wait: float | None) -> None:
+    """The one line per upstream attempt: ids, status, latency, tokens; never the prompt."""
+    log.info(
+        "upstream call %s attempt %d: %s",
+        claim.model,
+        claim.attempt,
+        call.status_code if call.status_code is not None else "no answer",
+        extra={
+            "job_id": str(claim.job_id),
+            "batch_id": claim.batch_id,
+            "schedule_id": claim.schedule_id,
+            "tenant": str(claim.tenant_id) if claim.tenant_id else None,
+            "attempt": claim.attempt,
+            "model": claim.model,
+            "upstream_request_id": call.request_id,
+            "status": call.status_code,
+            "latency_ms": call.latency_ms,
+            "tokens": (jobs.clean_usage(call.usage) or {}).get("total_tokens"),
+            "limiter_wait_ms": None if limiter_wait is None else int(limiter_wait * 1000),
+            "error": call.error,
+        },
+    )
+
+
 def _record_outcome(
-    claim: jobs.Claim, completion: Completion | None, err: UpstreamError | None, elapsed: float
+    claim: jobs.Claim,
+    completion: Completion | None,
+    err: UpstreamError | None,
+    elapsed: float,
+    limiter_wait: float | None = None,
 ) -> str:
     """Log the call and write what came of it, fenced on the claim, in one transaction."""
     if completion is not None:
@@ -277,16 +314,7 @@ def _record_outcome(
             if err
             else "abandoned: the job was cancelled, expired or re-run while the call ran",
         )
-    log.info(
-        "upstream call job=%s attempt=%d model=%s status=%s latency_ms=%d tokens=%s error=%s",
-        claim.job_id,
-        claim.attempt,
-        claim.model,
-        call.status_code,
-        call.latency_ms,
-        (jobs.clean_usage(call.usage) or {}).get("total_tokens"),
-        call.error,
-    )
+    _log_call(claim, call, limiter_wait)
     retry_in = None
     if err is not None and is_retryable(err) and claim.attempt < claim.max_attempts:
         retry_in = retry_delay(claim.attempt, err.retry_after)

@@ -67,14 +67,43 @@ def _statement(
             *returning,
             Job.batch_id,
             Job.webhook_url.is_not(None).label("hooked"),
+            # For the transition's log line: no query of its own.
+            Job.tenant_id,
+            Job.schedule_id,
         )
         .execution_options(synchronize_session=False)
     )
 
 
+def _log_moved(to: JobStatus | Any, rows: list[Row[Any]]) -> None:
+    """One line per job moved; a deferral's ``to`` is a CASE between the pending statuses."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    status = to.value if isinstance(to, JobStatus) else "pending"
+    for row in rows:
+        # A claim returns its attempt number and model; other transitions do not.
+        returned = row._mapping
+        log.info(
+            "job %s",
+            status,
+            extra={
+                "job_id": str(row.id),
+                "parent_id": str(row.parent_id) if row.parent_id else None,
+                "batch_id": row.batch_id,
+                "schedule_id": row.schedule_id,
+                "tenant": str(row.tenant_id),
+                "status": status,
+                "attempt": returned.get("attempts"),
+                "model": returned.get("model"),
+            },
+        )
+
+
 def _moved(session: Session, to: JobStatus | Any, rows: list[Row[Any]]) -> list[Row[Any]]:
     """What follows a change of status in the same transaction: the webhook event and the
     batch's line count of a terminal status, and the live event to publish after commit."""
+    if rows:
+        _log_moved(to, rows)
     if rows and isinstance(to, JobStatus):
         if to in TERMINAL_STATUSES:
             # Only jobs that asked for a webhook: no statement at all for the rest.

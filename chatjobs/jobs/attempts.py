@@ -43,6 +43,10 @@ class Claim:
     prompt_tokens: int | None
     parent_id: uuid.UUID | None = None
     needs_plan: bool = False
+    # For log lines only.
+    tenant_id: uuid.UUID | None = None
+    batch_id: str | None = None
+    schedule_id: str | None = None
 
 
 def _lease() -> timedelta:
@@ -110,6 +114,9 @@ def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | No
         prompt_tokens=row.prompt_token_estimate,
         parent_id=row.parent_id,
         needs_plan=row.needs_plan,
+        tenant_id=row.tenant_id,
+        batch_id=row.batch_id,
+        schedule_id=row.schedule_id,
     )
 
 
