@@ -10,7 +10,7 @@ from api import errors, methods, openapi
 from api.auth import Authenticate
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
-from api.routes import batches, files, health, jobs, keys, schedules, webhooks
+from api.routes import batches, files, health, jobs, keys, schedules, usage, webhooks
 from chatjobs import longcontext
 from chatjobs.settings import get_settings
 
@@ -32,6 +32,7 @@ def create_app() -> FastAPI:
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(schedules.router)
+    app.include_router(usage.router)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

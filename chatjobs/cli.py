@@ -352,10 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     prune.set_defaults(func=_prune)
 
-    from chatjobs import batch_cli, schedule_cli
+    from chatjobs import batch_cli, schedule_cli, usage_cli
 
     batch_cli.add_parser(sub)
     schedule_cli.add_parser(sub)
+    usage_cli.add_parser(sub)
     return parser
 
 

@@ -10,6 +10,8 @@ Read from a TOML models file (``CHATJOBS_MODELS_FILE``) with environment default
     max_concurrency = 512
     context_window = 1047576           # overrides the built-in model registry
     max_output_tokens = 32768
+    input_per_mtok = 2.0               # USD per million prompt tokens, for GET /v1/usage
+    output_per_mtok = 8.0              # and per million completion tokens (both or neither)
 
 A model the file does not list is served by ``CHATJOBS_UPSTREAM_BASE_URL`` with
 ``CHATJOBS_UPSTREAM_API_KEY`` under ``CHATJOBS_UPSTREAM_RPM`` / ``_TPM`` /
@@ -26,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from chatjobs.errors import ConfigurationError
 from chatjobs.limiter import Limits
@@ -51,6 +53,15 @@ class ModelEntry(BaseModel):
     context_window: int | None = Field(None, ge=1)
     max_output_tokens: int | None = Field(None, ge=1)
     encoding: str | None = None
+    input_per_mtok: float | None = Field(None, ge=0, allow_inf_nan=False)
+    output_per_mtok: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _both_prices(self) -> ModelEntry:
+        # One price alone would under-count the cost without saying so.
+        if (self.input_per_mtok is None) != (self.output_per_mtok is None):
+            raise ValueError("set both input_per_mtok and output_per_mtok, or neither")
+        return self
 
 
 @dataclass(frozen=True)

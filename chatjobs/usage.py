@@ -1,0 +1,169 @@
+"""Usage accounting: a tenant's upstream calls and tokens over a time range, grouped by model
+and/or UTC day, priced from the models file where it has prices.
+
+One grouped query over ``upstream_calls`` (every call, retries included, whatever its
+outcome) joined to ``jobs`` for the tenant. A failure is a call without a 2xx answer: an
+error status, or none at all (timeout, connection error). The output is bounded: at most
+``MAX_ROWS`` groups, else ``UsageQueryError`` asks for a narrower range.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Date, and_, cast, func, or_, select
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import Label
+
+from chatjobs.errors import TenantNotFound
+from chatjobs.models import Job, Tenant, UpstreamCall
+from chatjobs.routing import model_entries
+
+GROUPS = ("model", "day")
+DEFAULT_SPAN = timedelta(days=7)
+MAX_SPAN = timedelta(days=366)
+MAX_ROWS = 10_000
+
+
+class UsageQueryError(ValueError):
+    """A usage query the API answers with 422: ``param`` names the parameter at fault."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.param, self.message))
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One group's totals; ``model`` and ``day`` are None when not grouped by them."""
+
+    model: str | None
+    day: date | None
+    requests: int
+    failures: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost_usd: float | None
+
+
+def parse_group_by(text: str) -> tuple[str, ...]:
+    """``model,day`` (either, both, or empty for one total row), in canonical order."""
+    names = {part.strip() for part in text.split(",") if part.strip()}
+    unknown = names - set(GROUPS)
+    if unknown:
+        raise UsageQueryError(
+            "group_by", f"unknown group {sorted(unknown)[0]!r}: use model, day or both"
+        )
+    return tuple(g for g in GROUPS if g in names)
+
+
+def resolve_range(
+    start: datetime | None, end: datetime | None, *, now: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """The range asked for, in UTC: ``end`` defaults to now, ``start`` to 7 days before it."""
+    end = (end or now or datetime.now(UTC)).astimezone(UTC)
+    start = (start or end - DEFAULT_SPAN).astimezone(UTC)
+    if end <= start:
+        raise UsageQueryError("end", "end must be after start")
+    if end - start > MAX_SPAN:
+        raise UsageQueryError("start", "the range from start to end must be at most 366 days")
+    return start, end
+
+
+def price(model: str) -> tuple[float, float] | None:
+    """USD per million input and output tokens, from the model's table, else the ``*``
+    table; None where neither has prices."""
+    entries = model_entries()
+    for entry in (entries.get(model), entries.get("*")):
+        if entry is not None and entry.input_per_mtok is not None:
+            # ModelEntry sets both prices or neither.
+            return entry.input_per_mtok, entry.output_per_mtok or 0.0
+    return None
+
+
+def cost(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    prices = price(model)
+    if prices is None:
+        return None
+    return round(prompt_tokens / 1e6 * prices[0] + completion_tokens / 1e6 * prices[1], 6)
+
+
+def usage(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    group_by: tuple[str, ...],
+) -> list[UsageRow]:
+    """The tenant's calls made in [start, end), grouped by ``group_by``, by day then model.
+
+    UsageQueryError (naming ``start``) when there are more than MAX_ROWS groups."""
+    c = UpstreamCall
+    keys: list[Label[Any]] = []
+    if "day" in group_by:
+        keys.append(cast(func.timezone("UTC", c.created_at), Date).label("day"))
+    if "model" in group_by:
+        keys.append(c.model.label("model"))
+    failed = or_(c.status_code.is_(None), c.status_code < 200, c.status_code > 299)
+    stmt = (
+        select(
+            *keys,
+            func.count().label("requests"),
+            func.count().filter(failed).label("failures"),
+            func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
+            func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
+            func.coalesce(func.sum(c.total_tokens), 0).label("total_tokens"),
+        )
+        .join(Job, Job.id == c.job_id)
+        # A call is made after its job is created: the second bound on jobs narrows the join.
+        .where(
+            and_(
+                Job.tenant_id == tenant_id,
+                Job.created_at < end,
+                c.created_at >= start,
+                c.created_at < end,
+            )
+        )
+        .group_by(*keys)
+        .order_by(*keys)
+        .limit(MAX_ROWS + 1)
+    )
+    rows = session.execute(stmt).mappings().all()
+    if len(rows) > MAX_ROWS:
+        raise UsageQueryError(
+            "start", f"more than {MAX_ROWS} groups: ask for a narrower range or fewer groups"
+        )
+    out = []
+    for row in rows:
+        model = row["model"] if "model" in group_by else None
+        prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
+        out.append(
+            UsageRow(
+                model=model,
+                day=row["day"] if "day" in group_by else None,
+                requests=int(row["requests"]),
+                failures=int(row["failures"]),
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                total_tokens=int(row["total_tokens"]),
+                cost_usd=cost(model, prompt, completion) if model is not None else None,
+            )
+        )
+    return out
+
+
+def tenant_id(*, session: Session, name: str) -> uuid.UUID:
+    """The id of the tenant of that name; TenantNotFound if none."""
+    found = session.scalar(select(Tenant.id).where(Tenant.name == name))
+    if found is None:
+        raise TenantNotFound(f"no tenant {name!r}")
+    return found
