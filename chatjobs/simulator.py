@@ -34,6 +34,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from chatjobs import logs
 from chatjobs.tokens import count_messages, count_text, lookup_model
 
 __all__ = [
@@ -1363,6 +1364,7 @@ def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 8100) -> None:
         host=host,
         port=port,
         log_level="warning",
+        log_config=logs.config(logging.WARNING),
         access_log=False,
         # Benchmarks open thousands of connections at once and keep pools idle between phases.
         backlog=4096,
