@@ -23,4 +23,4 @@ RUN useradd --create-home --uid 10001 chatjobs
 USER chatjobs
 
 EXPOSE 8000 5555 8100
-CMD ["chatjobs", "api"]
+CMD ["chatjobs", "api", "--host", "0.0.0.0"]

@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     api = sub.add_parser("api", help="serve the HTTP API")
-    api.add_argument("--host", default="0.0.0.0")
+    # Loopback unless asked: an API left on every interface by default is an open door.
+    api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--workers", type=int, default=1)
     api.add_argument("--access-log", action="store_true")
