@@ -262,10 +262,16 @@ class UpstreamCall(Base):
 
     __tablename__ = "upstream_calls"
     # Each claim makes at most one call: a retried commit finds its call logged already.
-    __table_args__ = (UniqueConstraint("job_id", "claim_seq", name="uq_upstream_calls_job_claim"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "claim_seq", name="uq_upstream_calls_job_claim"),
+        # GET /v1/usage: a tenant's calls in a time range.
+        Index("ix_upstream_calls_tenant_id_created_at", "tenant_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    # The job's tenant, copied (no foreign key: the job's cascade already removes the row).
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     claim_seq: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))

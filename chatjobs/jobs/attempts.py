@@ -314,6 +314,7 @@ def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, int] | No
             _LOG_CALL,
             {
                 "job_id": claim.job_id,
+                "tenant_id": claim.tenant_id,
                 "claim_seq": claim.claim_seq,
                 "attempt": claim.attempt,
                 "model": claim.model,

@@ -54,6 +54,7 @@ def _job(tenant_id: uuid.UUID, model: str, calls: list[tuple[datetime, int | Non
             session.add(
                 UpstreamCall(
                     job_id=job.id,
+                    tenant_id=job.tenant_id,
                     claim_seq=seq,
                     attempt=seq,
                     model=model,
@@ -207,3 +208,38 @@ def test_usage_command_names_an_unknown_tenant(stack_env: dict[str, str]) -> Non
     ns = cli.build_parser().parse_args(["usage", "--tenant", f"nobody-{uuid.uuid4().hex}"])
     with pytest.raises(SystemExit, match="no tenant"):
         ns.func(ns)
+
+
+def test_a_call_the_worker_logs_counts_for_its_tenant(queue: str, tenant: uuid.UUID) -> None:
+    """The call log row a worker writes carries the job's tenant (what usage reads)."""
+    from datetime import timedelta
+
+    from chatjobs import jobs
+    from chatjobs.schemas import JobCreate
+
+    body = JobCreate.model_validate({"request": {"messages": [{"role": "user", "content": "hi"}]}})
+    with session_scope() as session:
+        job_id = jobs.create_job(session=session, tenant_id=tenant, body=body).job.id
+    with session_scope() as session:
+        claim = jobs.claim_job(session=session, job_id=job_id, worker="test:1")
+        assert claim is not None
+    call = jobs.Call(
+        stream=False,
+        latency_ms=5,
+        status_code=200,
+        usage={"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+        request_id="req_1",
+        error=None,
+    )
+    with session_scope() as session:
+        jobs.record_outcome(session=session, claim=claim, call=call, result={"choices": []})
+    now = datetime.now(UTC)
+    with session_scope() as session:
+        (row,) = usage.usage(
+            session=session,
+            tenant_id=tenant,
+            start=now - timedelta(hours=1),
+            end=now + timedelta(hours=1),
+            group_by=(),
+        )
+    assert (row.requests, row.failures, row.total_tokens) == (1, 0, 10)
