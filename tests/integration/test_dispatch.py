@@ -440,6 +440,9 @@ def submit_all(stack: MiniStack, key: str, marker: str, n: int, latency: float) 
         with stack.client(key) as client:
             body = job_body(f"{marker}-{i}", x_sim={"latency": latency})
             response = client.post("/v1/jobs", json=body)
+            while response.status_code == 429:  # the tenant's submission rate: as a client would
+                time.sleep(float(response.headers.get("retry-after", "0.1")))
+                response = client.post("/v1/jobs", json=body)
             assert response.status_code == 202, response.text
             return str(response.json()["id"])
 
