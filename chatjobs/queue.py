@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import lru_cache
 
 from celery import Celery
@@ -95,14 +95,15 @@ def get_producer() -> Celery:
     return make_celery()
 
 
-def enqueue_jobs(job_ids: Iterable[uuid.UUID], *, express: bool = False) -> None:
-    """Publish one wake-up per job (on the express queue: ahead of the window). Call only
-    after the rows have committed."""
+def enqueue_jobs(job_ids: Iterable[uuid.UUID], *, express: Collection[uuid.UUID] = ()) -> None:
+    """Publish one wake-up per job, the ``express`` ones on the express queue (ahead of the
+    window), through one producer. Call only after the rows have committed."""
     app = get_producer()
     settings = get_settings()
-    queue = express_queue(settings) if express else settings.queue_name
+    queues = {False: settings.queue_name, True: express_queue(settings)}
     with app.producer_or_acquire() as producer:
         for job_id in job_ids:
+            queue = queues[job_id in express]
             app.send_task(RUN_JOB, args=[str(job_id)], queue=queue, producer=producer)
 
 

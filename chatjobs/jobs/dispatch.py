@@ -84,9 +84,7 @@ def publish(job_ids: Sequence[uuid.UUID], *, express: Collection[uuid.UUID] = ()
         recorded = False
         log.warning("publishing %d jobs without recording it", len(job_ids), exc_info=True)
     try:
-        fast = set(express)
-        enqueue_jobs([job_id for job_id in job_ids if job_id in fast], express=True)
-        enqueue_jobs([job_id for job_id in job_ids if job_id not in fast])
+        enqueue_jobs(job_ids, express=express)
     except Exception:
         if recorded:
             with contextlib.suppress(redis.RedisError):
