@@ -20,7 +20,8 @@ from chatjobs.settings import get_settings
 pytestmark = pytest.mark.integration
 
 
-def new_batch(tenant: uuid.UUID, lines: int, window: str = "24h") -> str:
+def upload_batch_file(tenant: uuid.UUID, lines: int) -> str:
+    """A batch input file of ``lines`` requests, uploaded for ``tenant``; its id."""
     content = b"".join(
         json.dumps(
             {
@@ -43,10 +44,16 @@ def new_batch(tenant: uuid.UUID, lines: int, window: str = "24h") -> str:
             expires_after_seconds=None,
             idempotency_key=None,
         )
+        return upload.id
+
+
+def new_batch(tenant: uuid.UUID, lines: int, window: str = "24h") -> str:
+    file_id = upload_batch_file(tenant, lines)
+    with session_scope() as session:
         batch, _ = service.create_batch(
             session,
             tenant_id=tenant,
-            new=service.NewBatch(upload.id, "/v1/chat/completions", window),
+            new=service.NewBatch(file_id, "/v1/chat/completions", window),
         )
         batch_id = batch.id
     assert service.ingest(batch_id) == "in_progress"

@@ -31,7 +31,6 @@ first tick at or after its instant, and ``next_fire_times`` shows the shift befo
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +50,7 @@ from chatjobs.jobs.dispatch import PRIORITY_BACKFILL
 from chatjobs.models import Batch, Job, JobStatus, Schedule, ScheduleFiring, WebhookDelivery
 from chatjobs.schedules import service
 from chatjobs.schedules.plan import OverlapPolicy
+from tests.integration import test_batch_core as batch_core
 from tests.unit.test_schedule_plan import simulate, started
 
 pytestmark = pytest.mark.integration
@@ -576,29 +576,7 @@ def test_backfill_refuses_a_future_range_and_one_of_more_than_1000_instants(
 
 
 def upload_batch_file(tenant: uuid.UUID, lines: int = 3) -> str:
-    content = b"".join(
-        json.dumps(
-            {
-                "custom_id": f"c-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"messages": [{"role": "user", "content": f"line {i}"}]},
-            }
-        ).encode()
-        + b"\n"
-        for i in range(lines)
-    )
-    with session_scope() as session:
-        upload, _ = files.store_upload(
-            session,
-            tenant_id=tenant,
-            chunks=[content],
-            filename="in.jsonl",
-            purpose="batch",
-            expires_after_seconds=None,
-            idempotency_key=None,
-        )
-        return upload.id
+    return batch_core.upload_batch_file(tenant, lines)
 
 
 def batch_status(batch_id: str) -> str:
