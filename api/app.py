@@ -10,7 +10,7 @@ from api import errors, methods, openapi
 from api.auth import Authenticate
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
-from api.routes import batches, files, health, jobs, keys, schedules, usage, webhooks
+from api.routes import batches, files, health, jobs, keys, metrics, schedules, usage, webhooks
 from chatjobs import longcontext
 from chatjobs.settings import get_settings
 
@@ -26,6 +26,7 @@ def create_app() -> FastAPI:
     openapi.install(app)
     methods.install(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(jobs.router)
     app.include_router(webhooks.router)
     app.include_router(keys.router)

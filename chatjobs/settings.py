@@ -35,6 +35,10 @@ class Settings(BaseSettings):
 
     # json, text, or auto: text on a terminal, json anywhere else (chatjobs.logs).
     log_format: Literal["auto", "json", "text"] = "auto"
+    # GET /metrics: tenants (names or ids, comma-separated) given a `tenant` label of their
+    # own, the rest counted as `other`; and a bearer token it asks for, when set.
+    metrics_tenants: str = ""
+    metrics_token: SecretStr = SecretStr("")
 
     worker_pool: str = "threads"
     worker_concurrency: int = Field(64, ge=1)

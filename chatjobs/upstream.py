@@ -40,6 +40,8 @@ class Completion:
     latency_ms: int
     # The x-ratelimit-* headers, which tighten the shared limiter.
     ratelimit: dict[str, str]
+    # A streamed call: from sending the request to its first event.
+    ttft_ms: int | None = None
 
 
 def build_client(
@@ -79,6 +81,7 @@ async def chat_completion(
     url = f"{base_url.rstrip('/')}/chat/completions"
     auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.monotonic()
+    first_event: float | None = None
     try:
         if body.get("stream"):
             options = dict(body.get("stream_options") or {})
@@ -90,6 +93,8 @@ async def chat_completion(
                 _raise_for_status(response)
                 assembler = StreamAssembler(on_delta=on_delta)
                 async for line in response.aiter_lines():
+                    if first_event is None and line.startswith("data:"):
+                        first_event = time.monotonic()
                     if assembler.feed(line):
                         break
                 completion = assembler.result()
@@ -111,6 +116,7 @@ async def chat_completion(
         request_id=response.headers.get("x-request-id"),
         latency_ms=int((time.monotonic() - started) * 1000),
         ratelimit={k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")},
+        ttft_ms=None if first_event is None else int((first_event - started) * 1000),
     )
 
 

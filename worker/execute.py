@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, files, jobs, longcontext
+from chatjobs import deliveries, files, jobs, longcontext, metrics
 from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ContextTooLong, LeaseLost, UpstreamError, is_retryable
@@ -71,6 +71,8 @@ def _run_job(job_id: uuid.UUID) -> str:
                 retry_in=retry_delay(claim.attempt, None),
             )
         )
+        if outcome.status == "retrying":
+            metrics.inc("chatjobs_retries", "internal")
         return outcome.status
 
 
@@ -143,6 +145,7 @@ def _run_claimed(runtime: Runtime, claim: jobs.Claim) -> str:
         if not go.granted:  # a long cool-down began meanwhile: the slot is lost, ask again
             return _defer(runtime, claim, False, reserved, go.wait, go.reason)
         waited = time.monotonic() - waiting
+        metrics.observe("chatjobs_limiter_wait_seconds", waited, metrics.model(claim.model))
         return _call(runtime, claim, route, reserved=reserved, limiter_wait=waited)
     finally:
         _advisory("release", lambda: runtime.limiter.release(route.limit_key, call_id))
@@ -194,7 +197,14 @@ def _defer(
         lambda session: jobs.defer_job(session=session, claim=claim, delay=delay)
     )
     log.info("job %s: no %s capacity for %.1fs, deferred", claim.job_id, reason, wait)
+    if deferred:
+        reason = reason.replace(" ", "_") if reason in _DEFERRAL_REASONS else "other"
+        metrics.inc("chatjobs_limiter_deferrals", metrics.model(claim.model), reason)
     return "deferred" if deferred else "stale"
+
+
+# The limiter's reasons (chatjobs.limiter.Decision) and a reserved slot still far off.
+_DEFERRAL_REASONS = frozenset({"requests", "tokens", "concurrency", "cooldown", "reserved slot"})
 
 
 def reservation(claim: jobs.Claim) -> int:
@@ -226,6 +236,13 @@ def _call(
     limiter_wait: float | None = None,
 ) -> str:
     started = time.monotonic()
+    if claim.attempt == 1:
+        metrics.observe(
+            "chatjobs_queue_wait_seconds",
+            claim.age_seconds + started - claim.claimed_at,
+            _kind(claim),
+            metrics.model(claim.model),
+        )
     completion: Completion | None = None
     err: UpstreamError | None = None
     try:
@@ -286,6 +303,47 @@ def _log_call(claim: jobs.Claim, call: jobs.Call, limiter_wait: float | None) ->
     )
 
 
+def _kind(claim: jobs.Claim) -> str:
+    return metrics.job_kind(claim.parent_id, claim.batch_id, claim.schedule_id)
+
+
+def _count_call(
+    claim: jobs.Claim, call: jobs.Call, completion: Completion | None, err: UpstreamError | None
+) -> None:
+    """The call's metrics: how it ended, how long it took, the tokens it used."""
+    model = metrics.model(claim.model)
+    status = metrics.status_class(call.status_code, err.type if err else None)
+    metrics.inc("chatjobs_upstream_requests", model, status)
+    metrics.observe("chatjobs_upstream_latency_seconds", call.latency_ms / 1000, model)
+    if completion is None:
+        return
+    if completion.ttft_ms is not None:
+        metrics.observe("chatjobs_upstream_ttft_seconds", completion.ttft_ms / 1000, model)
+    tenant = metrics.tenant(claim.tenant_id)
+    for kind, tokens in token_counts(completion).items():
+        metrics.inc("chatjobs_tokens", model, kind, tenant, amount=tokens)
+
+
+def token_counts(completion: Completion) -> dict[str, int]:
+    """Prompt and completion tokens, and the cached and reasoning tokens among them where the
+    upstream reports them (OpenAI's usage details); an odd shape counts as none."""
+    usage = completion.body.get("usage")
+    usage = usage if isinstance(usage, dict) else {}
+    counts = {
+        "prompt": completion.usage.get("prompt_tokens", 0),
+        "completion": completion.usage.get("completion_tokens", 0),
+    }
+    for kind, details, key in (
+        ("cached", "prompt_tokens_details", "cached_tokens"),
+        ("reasoning", "completion_tokens_details", "reasoning_tokens"),
+    ):
+        detail = usage.get(details)
+        value = detail.get(key) if isinstance(detail, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
+            counts[kind] = value
+    return counts
+
+
 def _record_outcome(
     claim: jobs.Claim,
     completion: Completion | None,
@@ -315,6 +373,7 @@ def _record_outcome(
             else "abandoned: the job was cancelled, expired or re-run while the call ran",
         )
     _log_call(claim, call, limiter_wait)
+    _advisory("metrics", lambda: _count_call(claim, call, completion, err))
     retry_in = None
     if err is not None and is_retryable(err) and claim.attempt < claim.max_attempts:
         retry_in = retry_delay(claim.attempt, err.retry_after)
@@ -328,6 +387,11 @@ def _record_outcome(
             retry_in=retry_in,
         )
     )
+    if outcome.status == "retrying" and err is not None:
+        reason = metrics.status_class(err.status_code, err.type)
+        if err.type == "upstream_malformed_response":
+            reason = "malformed"
+        metrics.inc("chatjobs_retries", reason)
     if outcome.status == "stale":
         log.warning(
             "job %s attempt %d: result refused, the job moved on without it",
@@ -393,6 +457,9 @@ def reconcile() -> jobs.Reconciled:
         done = jobs.reconcile(session=session)
         deliveries.reconcile(session)
     batches.sweep()
+    lost_leases = done.requeued_lost_lease + done.failed_lost_lease
+    metrics.inc("chatjobs_recovered", "lost_lease", amount=lost_leases)
+    metrics.inc("chatjobs_recovered", "lost_message", amount=done.republished)
     if any(vars(done).values()):
         log.info("reconciled: %s", done)
         jobs.poke()

@@ -20,7 +20,7 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, jobs, ssrf, webhooks
+from chatjobs import deliveries, jobs, metrics, ssrf, webhooks
 from chatjobs.db import session_scope
 from chatjobs.models import DeliveryStatus, Schedule
 from chatjobs.schemas import JobRead
@@ -49,6 +49,7 @@ def deliver(delivery_id: uuid.UUID) -> str:
     with session_scope() as session:
         if deliveries.skip_if_disabled(session, delivery_id):
             log.info("webhook delivery=%s status=gone: its URL is disabled, not sent", delivery_id)
+            metrics.inc("chatjobs_webhook_deliveries", DeliveryStatus.gone.value)
             return DeliveryStatus.gone.value
         claimed = deliveries.claim(session, delivery_id)
         if claimed is None:
@@ -70,6 +71,9 @@ def deliver(delivery_id: uuid.UUID) -> str:
     )
     with session_scope() as session:
         status = deliveries.record_attempt(session, claimed, result)
+    # An attempt that failed with attempts left leaves the delivery pending: a retry.
+    outcome = "retry" if status == DeliveryStatus.pending else status.value
+    metrics.inc("chatjobs_webhook_deliveries", outcome)
     level = logging.WARNING if status == DeliveryStatus.blocked else logging.INFO
     log.log(
         level,

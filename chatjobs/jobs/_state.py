@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy import Interval, Row, bindparam, event, func, update
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, events
+from chatjobs import deliveries, events, metrics
 from chatjobs.models import TERMINAL_STATUSES, Job, JobStatus
 
 log = logging.getLogger("chatjobs.jobs")
@@ -67,9 +67,11 @@ def _statement(
             *returning,
             Job.batch_id,
             Job.webhook_url.is_not(None).label("hooked"),
-            # For the transition's log line: no query of its own.
+            # For the transition's log line and metrics: no query of their own.
             Job.tenant_id,
             Job.schedule_id,
+            Job.model.label("job_model"),
+            func.extract("epoch", func.now() - Job.created_at).label("age_seconds"),
         )
         .execution_options(synchronize_session=False)
     )
@@ -99,6 +101,22 @@ def _log_moved(to: JobStatus | Any, rows: list[Row[Any]]) -> None:
         )
 
 
+def _count_finished(session: Session, to: JobStatus, rows: list[Row[Any]]) -> None:
+    for row in rows:
+        kind = metrics.job_kind(row.parent_id, row.batch_id, row.schedule_id)
+        model = metrics.model(row.job_model)
+        tenant = metrics.tenant(row.tenant_id)
+        metrics.after_commit(session, "chatjobs_jobs_finished", kind, model, to.value, tenant)
+        metrics.after_commit(
+            session,
+            "chatjobs_job_duration_seconds",
+            kind,
+            model,
+            to.value,
+            value=float(row.age_seconds),
+        )
+
+
 def _moved(session: Session, to: JobStatus | Any, rows: list[Row[Any]]) -> list[Row[Any]]:
     """What follows a change of status in the same transaction: the webhook event and the
     batch's line count of a terminal status, and the live event to publish after commit."""
@@ -106,6 +124,7 @@ def _moved(session: Session, to: JobStatus | Any, rows: list[Row[Any]]) -> list[
         _log_moved(to, rows)
     if rows and isinstance(to, JobStatus):
         if to in TERMINAL_STATUSES:
+            _count_finished(session, to, rows)
             # Only jobs that asked for a webhook: no statement at all for the rest.
             hooked = [row.id for row in rows if row.hooked]
             deliveries.queue_events(session, hooked, f"job.{to.value}")

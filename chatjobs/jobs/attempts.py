@@ -10,6 +10,7 @@ transaction, so a commit retried after an ambiguous failure cannot count a call 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -43,10 +44,13 @@ class Claim:
     prompt_tokens: int | None
     parent_id: uuid.UUID | None = None
     needs_plan: bool = False
-    # For log lines only.
+    # For log lines and metrics only.
     tenant_id: uuid.UUID | None = None
     batch_id: str | None = None
     schedule_id: str | None = None
+    # Seconds since the job was submitted, when it was claimed (time.monotonic()).
+    age_seconds: float = 0.0
+    claimed_at: float = 0.0
 
 
 def _lease() -> timedelta:
@@ -117,6 +121,8 @@ def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | No
         tenant_id=row.tenant_id,
         batch_id=row.batch_id,
         schedule_id=row.schedule_id,
+        age_seconds=float(row.age_seconds),
+        claimed_at=time.monotonic(),
     )
 
 

@@ -46,7 +46,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, jobs
+from chatjobs import deliveries, jobs, metrics
 from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ChatJobsError, Conflict, InvalidRequest, NotFound
@@ -377,7 +377,11 @@ def _insert_firing(
         .on_conflict_do_nothing(constraint="uq_schedule_firings_schedule_id")
         .returning(ScheduleFiring.id)
     )
-    return None if firing_id is None else session.get(ScheduleFiring, firing_id)
+    if firing_id is None:
+        return None
+    if status != "fired":  # skipped, buffered or missed; one that fires is counted by _submit
+        metrics.after_commit(session, "chatjobs_schedule_fires", status)
+    return session.get(ScheduleFiring, firing_id)
 
 
 def _submit(
@@ -409,6 +413,7 @@ def _submit(
         _maybe_pause(session, schedule)
         log.warning("schedule %s: firing %s failed: %s", schedule.id, firing.scheduled_for, exc)
     fired.firings += 1
+    metrics.after_commit(session, "chatjobs_schedule_fires", firing.status)
 
 
 def _message(exc: Exception) -> str:
