@@ -32,7 +32,7 @@ FAVICON = f"{ASSETS}/favicon.png"
 CONTENT_SECURITY_POLICY = "default-src 'self' 'unsafe-inline' 'unsafe-eval' data: blob:"
 
 
-def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
+def install(app: FastAPI) -> None:
     """Serve the assets and both pages as FastAPI would (for an app built with
     ``docs_url=None, redoc_url=None``), outside the OpenAPI document and without a key."""
     assert app.openapi_url, "the pages render the app's OpenAPI document"
@@ -68,10 +68,10 @@ def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc")
     async def oauth2_redirect(request: Request) -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    app.add_route(docs_url, swagger_ui, include_in_schema=False)
+    app.add_route("/docs", swagger_ui, include_in_schema=False)
     if oauth2_redirect_url:
         app.add_route(oauth2_redirect_url, oauth2_redirect, include_in_schema=False)
-    app.add_route(redoc_url, redoc, include_in_schema=False)
+    app.add_route("/redoc", redoc, include_in_schema=False)
 
 
 def _from_here(page: HTMLResponse) -> HTMLResponse:

@@ -145,7 +145,7 @@ def _operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def test_swagger_ui_renders_every_operation_with_no_internet(
-    api_url: str, chromium: str, proxy: RefusingProxy, tmp_path: Path
+    chromium: str, api_url: str, proxy: RefusingProxy, tmp_path: Path
 ) -> None:
     doc = httpx.get(f"{api_url}/openapi.json").json()
     page = render(chromium, f"{api_url}/docs", proxy=proxy, tmp_path=tmp_path)
@@ -160,7 +160,7 @@ def test_swagger_ui_renders_every_operation_with_no_internet(
 
 
 def test_redoc_renders_every_operation_with_no_internet(
-    api_url: str, chromium: str, proxy: RefusingProxy, tmp_path: Path
+    chromium: str, api_url: str, proxy: RefusingProxy, tmp_path: Path
 ) -> None:
     doc = httpx.get(f"{api_url}/openapi.json").json()
     page = render(chromium, f"{api_url}/redoc", proxy=proxy, tmp_path=tmp_path)
