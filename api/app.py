@@ -6,7 +6,7 @@ import threading
 
 from fastapi import FastAPI
 
-from api import errors, methods, openapi
+from api import docs, errors, methods, openapi
 from api.auth import Authenticate
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
@@ -21,10 +21,13 @@ def create_app() -> FastAPI:
         title="chatjobs",
         version="0.1.0",
         description="Durable, asynchronous OpenAI-style chat-completion jobs.",
+        docs_url=None,  # api/docs.py serves both pages, from no CDN
+        redoc_url=None,
     )
     errors.install(app)
     openapi.install(app)
     methods.install(app)
+    docs.install(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(jobs.router)
