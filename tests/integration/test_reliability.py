@@ -77,6 +77,14 @@ def successful_calls(ids: list[str]) -> dict[str, int]:
 # --- one retry decision --------------------------------------------------------------------
 
 
+def recovered(stack: MiniStack, reason: str) -> float:
+    from tests.integration.test_metrics import scrape, value
+
+    with httpx.Client(base_url=stack.url, timeout=10) as client:
+        _, samples = scrape(client)
+    return value(samples, "chatjobs_recovered_total", reason=reason)
+
+
 def test_429_with_retry_after_delays_the_next_call(
     client: httpx.Client, sim: httpx.Client, worker: Proc
 ) -> None:
@@ -297,6 +305,7 @@ def test_sigkill_of_the_whole_worker_mid_call_loses_no_job(
     )
     assert tuple(rows[0]) == (2, 2)
     print(f"recovery after killing the worker: {recovery:.1f}s")
+    wait_until(lambda: recovered(stack, "lost_lease") == 50, 10, "/metrics counted 50 leases")
 
 
 def test_sigkill_of_one_pool_process_mid_call_loses_no_job(
@@ -386,6 +395,8 @@ def test_flushing_redis_with_100_jobs_queued_loses_none(
         recovery = time.monotonic() - flushed_at
     assert successful_calls(ids) == dict.fromkeys(ids, 1)
     print(f"recovery after flushing Redis: {recovery:.1f}s")
+    # The flush took the counts with it; the republished messages were counted after.
+    wait_until(lambda: recovered(stack, "lost_message") >= 1, 10, "/metrics counted them")
 
 
 def test_a_submission_while_the_apis_redis_is_down_still_runs_the_job(
