@@ -450,25 +450,36 @@ _KIND_SQL = (
 @dataclass(frozen=True)
 class Gauges:
     jobs: dict[tuple[str, str], int]  # (state, kind) -> count
-    oldest: dict[str, float]  # model -> seconds the oldest due, unclaimed job has waited
+    oldest: dict[str, float]  # model label -> seconds the oldest due job has waited
     batches: dict[str, int]  # status -> count
 
 
-def read_gauges(session: Session) -> Gauges:
-    """The state of the rows: one grouped count of this queue's jobs, the age of the oldest
-    job that is due and not running per model, and batches by status.
+_ACTIVE = "status IN ('queued', 'retrying', 'running')"
+_FINISHED = "status IN ('succeeded', 'failed', 'cancelled', 'expired')"
+
+
+def count_jobs(session: Session, *, finished: bool) -> dict[tuple[str, str], int]:
+    """This queue's jobs by (state, kind): the active ones (few, read through the partial
+    indexes on active jobs), or the finished ones (most of the table: a scan of it)."""
+    rows = session.execute(
+        text(
+            f"SELECT status, {_KIND_SQL}, count(*) FROM jobs WHERE queue = :q"
+            f" AND {_FINISHED if finished else _ACTIVE} GROUP BY 1, 2"
+        ),
+        {"q": get_settings().queue_name},
+    )
+    return {(str(state), str(kind)): int(count) for state, kind, count in rows}
+
+
+def read_gauges(session: Session, finished: dict[tuple[str, str], int]) -> Gauges:
+    """The state of the rows, with ``finished`` (count_jobs(finished=True), read less often)
+    for the finished jobs: the active jobs, the age of the oldest job that is due and not
+    running per model, and batches by status.
 
     A job waiting for admission has waited since it fell due (a retry's backoff is not
     waiting); one admitted to the broker, since its admission (which clears its due time).
     """
     queue = get_settings().queue_name
-    jobs = {
-        (str(state), str(kind)): int(count)
-        for state, kind, count in session.execute(
-            text(f"SELECT status, {_KIND_SQL}, count(*) FROM jobs WHERE queue = :q GROUP BY 1, 2"),
-            {"q": queue},
-        )
-    }
     oldest: dict[str, float] = {}
     for name, age in session.execute(
         text(
@@ -487,4 +498,5 @@ def read_gauges(session: Session) -> Gauges:
             {"q": queue},
         )
     }
+    jobs = {**finished, **count_jobs(session, finished=False)}
     return Gauges(jobs=jobs, oldest=oldest, batches=batches)
