@@ -26,15 +26,16 @@ services: install
 test: install browser
 	$(BIN)/pytest -q
 
-# Headless Chromium for tests/integration/test_docs_offline.py: Debian's package where we are
-# root with apt-get (the package lists fetched only if the first try fails). Without it that
-# test skips, naming the command.
+# Headless Chromium for the browser tests (tests/integration/test_docs_offline.py and those on
+# tests/browser.py, which Playwright from the dev extra drives): Debian's package where we are
+# root with apt-get (the package lists fetched only if the first try fails). Without it those
+# tests skip, naming the command.
 .PHONY: browser
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
 	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { $(APT_INSTALL) || { apt-get update -qq >/dev/null 2>&1 && $(APT_INSTALL); }; }; } || \
-	echo "make browser: no chromium installed; the offline docs test will skip"
+	echo "make browser: no chromium installed; the browser tests will skip"
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1
 

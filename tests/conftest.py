@@ -26,6 +26,9 @@ from sqlalchemy.pool import NullPool
 from chatjobs import devservices
 from chatjobs.testing import Proc, free_port, python_cli, wait_http
 
+# The real-browser fixtures (browser, page, new_page, watch) for every test module.
+pytest_plugins = ["tests.browser"]
+
 # The admin URL (no database) and the Redis URL: private servers unless the environment names
 # others. Set in pytest_sessionstart, before any test module imports them.
 PG_ADMIN = os.environ.get("CHATJOBS_TEST_PG", "")
