@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -13,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from api import streams
 from api.deps import CallerDep, TenantDep
 from api.openapi import EVENT_STREAM, SUBMIT_EXAMPLE, V1_ERRORS, errors
+from api.routes.usage import Moment  # RFC 3339 only, as /v1/usage takes its range
 from chatjobs import jobs
 from chatjobs.db import session_scope
 from chatjobs.models import JobStatus
@@ -64,10 +64,10 @@ def list_jobs(
     schedule_id: str | None = None,
     model: str | None = None,
     created_after: Annotated[
-        datetime | None, Query(description="only jobs created at or after this instant")
+        Moment | None, Query(description="jobs created at or after it (RFC 3339 with a zone)")
     ] = None,
     created_before: Annotated[
-        datetime | None, Query(description="only jobs created before this instant")
+        Moment | None, Query(description="jobs created before it (RFC 3339 with a zone)")
     ] = None,
     after: Annotated[uuid.UUID | None, Query(description="last id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
