@@ -3,15 +3,33 @@ API key (api/ui/session.py), working without JavaScript except for live status.
 
 Layout, one module per area of the console:
 
-- ``core.py``: templates, ``page()``, error pages, form reading, security headers;
+- ``core.py``: templates, ``page()``, error pages (``PageError``, ``not_found()``), form
+  reading, flash messages (``FLASH``), security headers;
 - ``session.py``: sign-in, sign-out, the session cookie and form tokens (``SessionDep``,
   ``FormDep``);
 - ``jobs.py``: the jobs list, a job's page, its actions and live status;
-- ``batches.py``, ``schedules.py``, ``usage.py``: to come, each an ``APIRouter`` added to
-  ``AREAS`` below and a folder of templates (the nav in ``templates/base.html`` links them).
+- ``batches.py``, ``schedules.py``, ``usage.py``: to come (the nav already links them).
+
+Adding a page (``jobs.py`` is the example to copy):
+
+1. A module here with ``router = APIRouter(prefix=PREFIX, include_in_schema=False)`` and its
+   handlers: a read takes ``current: SessionDep`` (anonymous visitors are sent to sign in);
+   an action is a POST that also takes ``_: FormDep`` (the form token is checked for you)
+   and answers ``see_other(url + "?flash=<code>")``.
+2. The data through the same chatjobs service function the /v1 route calls, with
+   ``current.caller.tenant_id``, in one ``session_scope()`` inside ``run_in_threadpool``;
+   catch ``NotFound`` and ``raise not_found()`` (another tenant's id looks missing).
+3. A template in ``templates/<area>/`` extending ``base.html``; render it with
+   ``page(request, name, context, csrf=current.csrf_token)``. Autoescape is on: never
+   ``|safe`` on data, no inline script or style (the CSP refuses them); put any new flash
+   text in ``core.FLASH``.
+4. Add the router to ``AREAS`` below; ``api/app.py`` needs nothing more.
+5. Route tests in ``tests/integration/test_ui_<area>.py`` (``ui_helpers.sign_in``): the page
+   for its owner, the 404 page for another tenant, every action's 403 without its token, and
+   escaping of whatever text the tenant controls; then the README's Console section.
 
 Pages call the same chatjobs service functions as the /v1 routes, never the database
-directly, and map their NotFound to the 404 page, so another tenant's id looks missing.
+directly.
 """
 
 from __future__ import annotations

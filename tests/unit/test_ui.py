@@ -159,7 +159,7 @@ def test_the_detail_template_escapes_and_shows_the_step_tree() -> None:
         prompt_token_estimate=None,
         token_count_method=None,
         error=None,
-        progress={"map": {"done": 1, "total": 2}},
+        progress={"map": {"done": 2, "total": 2}, "reduce": {"level": 1, "done": 0, "total": 1}},
     )
     html = env.get_template("jobs/detail.html").render(
         request=None,
@@ -177,6 +177,7 @@ def test_the_detail_template_escapes_and_shows_the_step_tree() -> None:
         deliveries=[],
     )
     assert "<script>" not in html and html.count("&lt;script&gt;") >= 5
-    assert '<progress max="2" value="1">' in html and "<h3>map</h3>" in html
+    assert '<progress max="2" value="2">' in html and "<h3>map</h3>" in html
+    assert "Reduce level 1" in html and '<progress max="1" value="0">' in html
     assert f'data-live-job="{job.id}"' in html and "Cancel this job" in html
     assert "style=" not in html and "<script>" not in html
