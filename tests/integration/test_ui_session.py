@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from sqlalchemy import func, select, update
 
+from chatjobs import ui_sessions
 from chatjobs.db import session_scope
-from chatjobs.tenants import revoke_key
+from chatjobs.models import UiSession
+from chatjobs.tenants import hash_key, revoke_key
 from tests.integration.ui_helpers import browser, csrf_of, sign_in
 
 
@@ -159,6 +162,23 @@ def test_revoking_the_key_ends_its_sessions_at_once(api_url: str, api_key: str) 
             revoke_key(session=session, prefix=api_key[:10])
         after = client.get("/ui/jobs")
     assert after.status_code == 303
+
+
+def test_an_expired_session_is_refused_and_pruned(api_url: str, api_key: str) -> None:
+    with sign_in(api_url, api_key) as client:
+        digest = hash_key(client.cookies["cj_session"])
+        with session_scope() as session:
+            session.execute(
+                update(UiSession)
+                .where(UiSession.token_hash == digest)
+                .values(expires_at=func.now() - ui_sessions.LIFETIME)
+            )
+        after = client.get("/ui/jobs")
+    with session_scope() as session:
+        pruned = ui_sessions.prune_expired(session=session)
+        left = session.scalar(select(func.count()).where(UiSession.token_hash == digest))
+    assert after.status_code == 303
+    assert pruned >= 1 and left == 0
 
 
 def test_every_console_answer_has_the_security_headers(api_url: str, api_key: str) -> None:
