@@ -34,8 +34,11 @@ directly.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, FastAPI
+import inspect
+
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from api.ui import core, jobs, session
 
@@ -50,4 +53,22 @@ def install(app: FastAPI) -> None:
         app.include_router(router)
     app.add_exception_handler(core.SignInRequired, session.to_sign_in)
     app.add_exception_handler(core.PageError, core.error_page)
+    _page_for_unknown_paths(app)
     app.add_middleware(core.SecurityHeaders)
+
+
+def _page_for_unknown_paths(app: FastAPI) -> None:
+    # A path under /ui that no route serves (a page not built yet) is the console's 404 page;
+    # every other HTTP error stays with the handler installed before (api/errors.py's JSON).
+    before = app.exception_handlers.get(HTTPException)
+    assert before is not None, "install api.errors before the console"
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 404 and (path == core.PREFIX or path.startswith(core.PREFIX + "/")):
+            return core.error_page(request, core.not_found())
+        answer = before(request, exc)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    app.add_exception_handler(HTTPException, http_error)

@@ -188,13 +188,15 @@ def test_every_console_answer_has_the_security_headers(api_url: str, api_key: st
             client.get(f"/ui/jobs/{'0' * 32}"),
             client.get("/ui/static/console.css"),
             client.post("/ui/sign-out", data={}),
+            client.get("/ui/not-built-yet"),
         ]
     with browser(api_url) as anonymous:
         answers += [anonymous.get("/ui/sign-in"), anonymous.get("/ui/jobs")]
     for answer in answers:
         for name, value in SECURITY.items():
             assert answer.headers.get(name) == value, (answer.url, name)
-    assert [a.status_code for a in answers] == [200, 404, 200, 403, 200, 303]
+    assert [a.status_code for a in answers] == [200, 404, 200, 403, 404, 200, 303]
+    assert "text/html" in answers[4].headers["content-type"]  # the console's 404 page
     assert answers[0].headers["cache-control"] == "no-store"
 
 
