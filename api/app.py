@@ -6,7 +6,7 @@ import threading
 
 from fastapi import FastAPI
 
-from api import docs, errors, methods, openapi
+from api import docs, errors, methods, openapi, ui
 from api.auth import Authenticate
 from api.limits import BodySizeLimit
 from api.request_id import RequestId
@@ -37,6 +37,7 @@ def create_app() -> FastAPI:
     app.include_router(batches.router)
     app.include_router(schedules.router)
     app.include_router(usage.router)
+    ui.install(app)  # /ui, the web console (api/ui/__init__.py)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,

@@ -601,3 +601,21 @@ class ScheduleFiring(Base):
     open: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
     fired_at: Mapped[datetime | None] = mapped_column(_tz)
+
+
+class UiSession(Base):
+    """A signed-in browser of the /ui console: only the SHA-256 of its cookie's token is kept,
+    and it lasts while its API key does (every request checks ``api_keys.revoked_at``)."""
+
+    __tablename__ = "ui_sessions"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    # The synchronizer token every state-changing form of this session carries.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(_tz, index=True)

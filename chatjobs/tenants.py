@@ -121,6 +121,19 @@ def authenticate(*, session: Session, key: str) -> Caller:
     return caller
 
 
+def key_owner(*, session: Session, key: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """The (key id, tenant id) of a key that is not revoked, never from the cache: for callers
+    that keep the key's id (a console session). AuthenticationFailed as ``authenticate``."""
+    row = session.execute(
+        select(ApiKey.id, ApiKey.tenant_id).where(
+            ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        raise AuthenticationFailed("invalid API key")
+    return row.id, row.tenant_id
+
+
 def set_limits(
     *, session: Session, tenant_name: str, values: dict[str, int | float | None]
 ) -> Tenant:

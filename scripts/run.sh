@@ -114,6 +114,7 @@ cat <<EOT
 
 chatjobs is running, $listening.
   API      http://$LOCAL:$API_PORT   (OpenAPI at /docs)
+  Console  http://$LOCAL:$API_PORT/ui   (sign in with the key below)
   Flower   http://$LOCAL:$FLOWER_PORT   ($flower_said)
   Upstream $CHATJOBS_UPSTREAM_BASE_URL
 

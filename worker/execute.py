@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from chatjobs import deliveries, files, jobs, longcontext, metrics
+from chatjobs import deliveries, files, jobs, longcontext, metrics, ui_sessions
 from chatjobs.batches import service as batches
 from chatjobs.db import session_scope
 from chatjobs.errors import ContextTooLong, LeaseLost, UpstreamError, is_retryable
@@ -467,7 +467,8 @@ def reconcile() -> jobs.Reconciled:
 
 
 def prune() -> int:
-    """Retention: finished jobs older than CHATJOBS_RETENTION_DAYS go, with all they own."""
+    """Retention: finished jobs older than CHATJOBS_RETENTION_DAYS go, with all they own;
+    so do expired batches' outputs, expired files and expired console sessions."""
     deleted = jobs.prune(older_than=timedelta(days=get_settings().retention_days))
     gone = batches.prune()
     if gone:
@@ -475,6 +476,10 @@ def prune() -> int:
     expired = files.prune()
     if expired:
         log.info("pruned %d expired files", expired)
+    with session_scope() as session:
+        ended = ui_sessions.prune_expired(session=session)
+    if ended:
+        log.info("pruned %d expired console sessions", ended)
     if deleted:
         log.info("pruned %d finished jobs", deleted)
     return deleted

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
+from api import streams
 from api.deps import CallerDep, TenantDep
-from api.limits import limiter
 from api.openapi import EVENT_STREAM, SUBMIT_EXAMPLE, V1_ERRORS, errors
-from chatjobs import events, jobs
+from api.routes.usage import Moment  # RFC 3339 only, as /v1/usage takes its range
+from chatjobs import jobs
 from chatjobs.db import session_scope
-from chatjobs.errors import JobNotFound
 from chatjobs.models import JobStatus
 from chatjobs.schemas import JobCreate, JobList, JobRead, StepRead
 
@@ -66,6 +62,13 @@ def list_jobs(
     status: JobStatus | None = None,
     batch_id: str | None = None,
     schedule_id: str | None = None,
+    model: str | None = None,
+    created_after: Annotated[
+        Moment | None, Query(description="jobs created at or after it (RFC 3339 with a zone)")
+    ] = None,
+    created_before: Annotated[
+        Moment | None, Query(description="jobs created before it (RFC 3339 with a zone)")
+    ] = None,
     after: Annotated[uuid.UUID | None, Query(description="last id of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
@@ -77,6 +80,9 @@ def list_jobs(
             status=status,
             batch_id=batch_id,
             schedule_id=schedule_id,
+            model=model,
+            created_after=created_after,
+            created_before=created_before,
             after=after,
             limit=limit,
         )
@@ -113,24 +119,6 @@ def list_steps(job_id: uuid.UUID, tenant_id: TenantDep) -> list[StepRead]:
         return [StepRead.from_job(step) for step in steps]
 
 
-def _read(tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
-    with session_scope() as session:
-        return JobRead.from_job(jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
-
-
-def _status(tenant_id: uuid.UUID, job_id: uuid.UUID) -> JobStatus | None:
-    # One column, not the job with its result: a stream asks this every second it is idle.
-    try:
-        with session_scope() as session:
-            return jobs.get_status(session=session, tenant_id=tenant_id, job_id=job_id)
-    except JobNotFound:
-        return None  # deleted (retention) while a stream watched it
-
-
-def _sse(event: str, data: str) -> bytes:
-    return f"event: {event}\ndata: {data}\n\n".encode()
-
-
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
@@ -140,38 +128,4 @@ async def job_events(job_id: uuid.UUID, caller: CallerDep, request: Request) -> 
     """Server-sent events: `status` (the job's read shape) at once and on every change,
     `delta` (content as it streams, for stream: true requests), then `done`. 429 while the
     tenant has its limit of streams open."""
-    tenant_id = caller.tenant_id
-    opened = await run_in_threadpool(_read, tenant_id, job_id)  # a 404 before the stream opens
-    slot = await limiter().open_stream(caller)  # a 429 before it opens, too
-
-    async def stream() -> AsyncIterator[bytes]:
-        async with slot, events.hub().listen(events.channel(job_id)) as inbox:
-            # Subscribed first, status read second: a change before this read shows in it,
-            # a change after it is announced on the channel.
-            job = opened
-            if await run_in_threadpool(_status, tenant_id, job_id) != job.status:
-                job = await run_in_threadpool(_read, tenant_id, job_id)
-            yield _sse("status", job.model_dump_json())
-            last = job.status
-            while not last.is_terminal:
-                try:
-                    message = await asyncio.wait_for(inbox.get(), timeout=1.0)
-                except TimeoutError:
-                    message = None
-                if await request.is_disconnected():
-                    return
-                if message is not None and message.get("kind") == "delta":
-                    yield _sse("delta", json.dumps(message.get("delta")))
-                    continue
-                status = await run_in_threadpool(_status, tenant_id, job_id)
-                if status is None:
-                    return
-                if status != last:
-                    job = await run_in_threadpool(_read, tenant_id, job_id)
-                    yield _sse("status", job.model_dump_json())
-                    last = job.status
-            yield _sse("done", json.dumps({"status": last.value}))
-
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
-    )
+    return await streams.job_events(job_id, caller, request)

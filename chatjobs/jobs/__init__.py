@@ -52,6 +52,7 @@ from chatjobs.jobs.submit import (
     create_job,
     get_job,
     get_status,
+    list_calls,
     list_jobs,
     list_steps,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "finished",
     "get_job",
     "get_status",
+    "list_calls",
     "list_jobs",
     "list_steps",
     "load_for_plan",

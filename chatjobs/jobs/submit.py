@@ -18,7 +18,7 @@ from chatjobs import longcontext
 from chatjobs.errors import IdempotencyConflict, JobNotCancellable, JobNotFound
 from chatjobs.jobs import steps
 from chatjobs.jobs._state import ACTIVE, transition
-from chatjobs.models import Job, JobStatus, uuid7
+from chatjobs.models import Job, JobStatus, UpstreamCall, uuid7
 from chatjobs.routing import model_spec, output_budget
 from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
@@ -200,10 +200,17 @@ def list_jobs(
     status: JobStatus | None = None,
     batch_id: str | None = None,
     schedule_id: str | None = None,
+    model: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
     after: uuid.UUID | None = None,
     limit: int = 20,
 ) -> tuple[list[Job], bool]:
-    """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more)."""
+    """Newest first; ``after`` is the last id of the previous page. Returns (jobs, has_more).
+
+    Every filter given narrows the list: ``created_after`` includes its instant,
+    ``created_before`` excludes it, so consecutive days never share a job.
+    """
     stmt = select(Job).where(*_top_level(tenant_id))
     if status is not None:
         stmt = stmt.where(Job.status == status)
@@ -211,6 +218,12 @@ def list_jobs(
         stmt = stmt.where(Job.batch_id == batch_id)
     if schedule_id is not None:
         stmt = stmt.where(Job.schedule_id == schedule_id)
+    if model is not None:
+        stmt = stmt.where(Job.model == model)
+    if created_after is not None:
+        stmt = stmt.where(Job.created_at >= created_after)
+    if created_before is not None:
+        stmt = stmt.where(Job.created_at < created_before)
     if after is not None:
         stmt = stmt.where(Job.id < after)
     jobs = list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
@@ -234,6 +247,20 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     steps.roll_up_usage(session, [job_id])
     session.expire_all()
     return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+
+
+def list_calls(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[UpstreamCall]:
+    """Every upstream call made for the tenant's job, its steps' included, oldest first;
+    JobNotFound as ``get_job``."""
+    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+    family = select(Job.id).where(Job.parent_id == job_id)
+    return list(
+        session.scalars(
+            select(UpstreamCall)
+            .where((UpstreamCall.job_id == job_id) | UpstreamCall.job_id.in_(family))
+            .order_by(UpstreamCall.id)
+        )
+    )
 
 
 def list_steps(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[Job]:

@@ -1,0 +1,74 @@
+"""The web console at /ui: server-rendered pages of a tenant's own data, signed in with an
+API key (api/ui/session.py), working without JavaScript except for live status.
+
+Layout, one module per area of the console:
+
+- ``core.py``: templates, ``page()``, error pages (``PageError``, ``not_found()``), form
+  reading, flash messages (``FLASH``), security headers;
+- ``session.py``: sign-in, sign-out, the session cookie and form tokens (``SessionDep``,
+  ``FormDep``);
+- ``jobs.py``: the jobs list, a job's page, its actions and live status;
+- ``batches.py``, ``schedules.py``, ``usage.py``: to come (the nav already links them).
+
+Adding a page (``jobs.py`` is the example to copy):
+
+1. A module here with ``router = APIRouter(prefix=PREFIX, include_in_schema=False)`` and its
+   handlers: a read takes ``current: SessionDep`` (anonymous visitors are sent to sign in);
+   an action is a POST that also takes ``_: FormDep`` (the form token is checked for you)
+   and answers ``see_other(url + "?flash=<code>")``.
+2. The data through the same chatjobs service function the /v1 route calls, with
+   ``current.caller.tenant_id``, in one ``session_scope()`` inside ``run_in_threadpool``;
+   catch ``NotFound`` and ``raise not_found()`` (another tenant's id looks missing).
+3. A template in ``templates/<area>/`` extending ``base.html``; render it with
+   ``page(request, name, context, csrf=current.csrf_token)``. Autoescape is on: never
+   ``|safe`` on data, no inline script or style (the CSP refuses them); put any new flash
+   text in ``core.FLASH``.
+4. Add the router to ``AREAS`` below; ``api/app.py`` needs nothing more.
+5. Route tests in ``tests/integration/test_ui_<area>.py`` (``ui_helpers.sign_in``): the page
+   for its owner, the 404 page for another tenant, every action's 403 without its token, and
+   escaping of whatever text the tenant controls; then the README's Console section.
+
+Pages call the same chatjobs service functions as the /v1 routes, never the database
+directly.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from api.ui import core, jobs, session
+
+# Each area of the console: its router (prefix /ui). Add new pages' routers here.
+AREAS: list[APIRouter] = [session.router, jobs.router]
+
+
+def install(app: FastAPI) -> None:
+    """Serve the console: its static files, its pages, its error pages and headers."""
+    app.mount(f"{core.PREFIX}/static", StaticFiles(directory=core.STATIC), name="ui-static")
+    for router in AREAS:
+        app.include_router(router)
+    app.add_exception_handler(core.SignInRequired, session.to_sign_in)
+    app.add_exception_handler(core.PageError, core.error_page)
+    _page_for_unknown_paths(app)
+    app.add_middleware(core.SecurityHeaders)
+
+
+def _page_for_unknown_paths(app: FastAPI) -> None:
+    # A path under /ui that no route serves (a page not built yet) is the console's 404 page;
+    # every other HTTP error stays with the handler installed before (api/errors.py's JSON).
+    before = app.exception_handlers.get(HTTPException)
+    assert before is not None, "install api.errors before the console"
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        path = request.url.path
+        if exc.status_code == 404 and (path == core.PREFIX or path.startswith(core.PREFIX + "/")):
+            return core.error_page(request, core.not_found())
+        answer = before(request, exc)
+        return await answer if inspect.isawaitable(answer) else answer
+
+    app.add_exception_handler(HTTPException, http_error)
