@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run services test test-unit lint bench bench-batch bench-fairness clean
+.PHONY: install run services test test-unit screenshots lint bench bench-batch bench-fairness clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ browser:
 	echo "make browser: no chromium installed; the browser tests will skip"
 
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1
+
+# The README's console screenshots (docs/screenshots/), taken by the browser tests.
+screenshots: install browser
+	CHATJOBS_SCREENSHOTS=docs $(BIN)/pytest -q tests/integration/test_ui_browser.py
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,14 @@ if TYPE_CHECKING:
         WebSocketRoute,
     )
 
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The README's screenshots are refreshed on request (`make screenshots`); an ordinary test run
+# writes its screenshots to a temporary directory, so it never rewrites files of the repo.
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = (
+    DOCS_SCREENSHOTS
+    if os.environ.get("CHATJOBS_SCREENSHOTS") == "docs"
+    else Path(tempfile.gettempdir()) / "chatjobs-screenshots"
+)
 # Debian's /usr/bin/chromium is a shell script that execs this binary with the flags of
 # /etc/chromium.d (remote extensions, GPU rasterization) and Google API keys in its
 # environment; Playwright drives either, the bare binary leaves less to explain.
@@ -182,7 +190,7 @@ def page(new_page: Callable[..., Page], request: pytest.FixtureRequest) -> Page:
 
 
 def screenshot(page: Page, name: str, directory: Path = SCREENSHOTS) -> Path:
-    """The whole page as ``<directory>/<name>.png`` (docs/screenshots unless told)."""
+    """The whole page as ``<directory>/<name>.png`` (SCREENSHOTS unless told)."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"screenshot name {name!r}: lower-case letters, digits, - and _")
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,93 @@
+"""The console in a real browser (headless Chromium through Playwright, tests/browser.py):
+signing in, live status, cancelling a running job, hostile text that must not run, and the
+screenshots of each page the README shows (docs/screenshots/)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from chatjobs.testing import wait_job
+from tests.browser import Watch, screenshot
+from tests.conftest import new_key
+
+pytestmark = pytest.mark.integration
+# Skipped, not an import error, where the dev extra is not installed (tests/browser.py).
+expect = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[dev]'").expect
+
+XSS = '<script>alert(1)</script><img src=x onerror="alert(2)">'
+
+
+def api(api_url: str, key: str) -> httpx.Client:
+    return httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def submit(client: httpx.Client, content: str, **extra: Any) -> str:
+    request = {"messages": [{"role": "user", "content": content}], **extra.pop("request", {})}
+    answer = client.post("/v1/jobs", json={"request": request, **extra})
+    assert answer.status_code == 202, answer.text
+    return str(answer.json()["id"])
+
+
+def sign_in(page: Any, api_url: str, key: str, *, shot: str | None = None) -> None:
+    """Through the form, as a person would: the key typed, never in a URL."""
+    page.goto(f"{api_url}/ui/jobs")
+    assert "/ui/sign-in" in page.url  # anonymous: sent to sign in first
+    if shot:
+        screenshot(page, shot)
+    page.fill("#key", key)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{api_url}/ui/jobs")
+    assert key not in page.content() and key not in page.url
+
+
+def mark_page(page: Any) -> None:
+    """A marker that a reload or navigation would wipe: proof the page updated in place."""
+    page.evaluate("window.__stayed = true")
+
+
+def stayed(page: Any) -> bool:
+    return bool(page.evaluate("window.__stayed === true"))
+
+
+def test_sign_in_live_status_cancel_and_hostile_text(
+    page: Any, watch: Watch, api_url: str, worker: Any
+) -> None:
+    key = new_key()
+    with api(api_url, key) as client:
+        hostile = submit(client, XSS, metadata={"note": XSS})
+        wait_job(client, hostile)
+        slow = submit(client, "take your time", request={"x_sim": {"latency": 60}})
+        live = submit(client, f"live {uuid.uuid4().hex}", request={"x_sim": {"latency": 3}})
+
+        sign_in(page, api_url, key, shot="sign-in")
+
+        # The list updates the live job's status in place: queued/running, then succeeded.
+        cell = page.locator(f'[data-live-job="{live}"]')
+        assert cell.count() == 1
+        mark_page(page)
+        # Polled by Playwright, not a string evaluated in the page (the CSP forbids eval).
+        expect(cell).to_have_text("succeeded", timeout=30_000)
+        assert stayed(page)
+        assert wait_job(client, live)["status"] == "succeeded"
+        screenshot(page, "jobs")
+
+        # Hostile request text and metadata show as text; nothing runs.
+        page.goto(f"{api_url}/ui/jobs/{hostile}")
+        assert page.get_by_text(XSS).count() >= 1
+        assert page.locator("img[src=x]").count() == 0
+        assert watch.dialogs == []
+
+        # Cancel a running job from its page.
+        wait_job(client, slow, until={"running"})
+        page.goto(f"{api_url}/ui/jobs/{slow}")
+        screenshot(page, "job-running")
+        page.click("text=Cancel this job")
+        page.wait_for_selector('.status[data-status="cancelled"]')
+        assert client.get(f"/v1/jobs/{slow}").json()["status"] == "cancelled"
+
+    assert watch.dialogs == [] and watch.external == [] and watch.csp == [], watch
+    assert watch.clean(), watch
