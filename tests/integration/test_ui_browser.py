@@ -5,6 +5,7 @@ screenshots of each page the README shows (docs/screenshots/)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -90,4 +91,43 @@ def test_sign_in_live_status_cancel_and_hostile_text(
         assert client.get(f"/v1/jobs/{slow}").json()["status"] == "cancelled"
 
     assert watch.dialogs == [] and watch.external == [] and watch.csp == [], watch
+    assert watch.clean(), watch
+
+
+def test_a_map_reduce_job_shows_its_step_tree(
+    page: Any,
+    watch: Watch,
+    make_stack: Any,
+    sim: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_long_context import (
+        SMALL,
+        WINDOW,
+        document,
+        long_request,
+        write_models_file,
+    )
+
+    models = write_models_file(tmp_path / "models.toml", SMALL, WINDOW)
+    sim.post("/_sim/config", json={"context_window": WINDOW})
+    stack = make_stack(env={"CHATJOBS_MODELS_FILE": str(models)}, workers=[["--concurrency", "8"]])
+    key = new_key()
+    with stack.client(key) as client:
+        answer = client.post("/v1/jobs", json={"request": long_request("tree", document(8_000))})
+        assert answer.status_code == 202, answer.text
+        job = answer.json()
+        assert job["long_context"]["strategy"] == "map_reduce"
+        assert wait_job(client, job["id"], timeout=60)["status"] == "succeeded"
+        steps = client.get(f"/v1/jobs/{job['id']}/steps").json()
+    assert len(steps) > job["long_context"]["chunks"]  # the map steps, and a reduce
+
+    sign_in(page, stack.url, key)
+    page.goto(f"{stack.url}/ui/jobs/{job['id']}")
+    # A table per stage (map, each reduce level), a row per step with its status.
+    tables = page.locator("table.steps")
+    expect(tables.first).to_be_visible()
+    assert tables.count() >= 2
+    expect(tables.locator('td[data-status="succeeded"]')).to_have_count(len(steps))
+    screenshot(page, "job-map-reduce")
     assert watch.clean(), watch
