@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from api.ui.core import env
-from api.ui.jobs import Filters, answer, conversation, step_tree
+from api.ui.jobs import LONG_TEXT, Filters, answer, conversation, step_tree
 from api.ui.session import safe_next
 from chatjobs.models import JobStatus
 from chatjobs.schemas import StepRead, Usage
@@ -136,6 +136,9 @@ def test_step_tree_groups_the_map_then_each_reduce_level() -> None:
     ]
 
 
+LONG = XSS * 200
+
+
 def test_the_detail_template_escapes_and_shows_the_step_tree() -> None:
     now = datetime.now(UTC)
     job = SimpleNamespace(
@@ -167,7 +170,9 @@ def test_the_detail_template_escapes_and_shows_the_step_tree() -> None:
         flash=None,
         path="/ui/jobs/x",
         job=job,
-        messages=conversation({"messages": [{"role": XSS, "content": XSS}]}),
+        messages=conversation(
+            {"messages": [{"role": XSS, "content": XSS}, {"role": "user", "content": LONG}]}
+        ),
         params={"temperature": XSS},
         answers=[],
         result_json=None,
@@ -175,7 +180,10 @@ def test_the_detail_template_escapes_and_shows_the_step_tree() -> None:
         stages=step_tree([_step("map", 0, 0, JobStatus.succeeded)]),
         calls=[],
         deliveries=[],
+        long_text=LONG_TEXT,
     )
+    # A long message: its start in the summary, the whole behind <details>, escaped too.
+    assert html.count("<details") == 1 and f"{len(LONG):,} characters" in html
     assert "<script>" not in html and html.count("&lt;script&gt;") >= 5
     assert '<progress max="2" value="2">' in html and "<h3>map</h3>" in html
     assert "Reduce level 1" in html and '<progress max="1" value="0">' in html
