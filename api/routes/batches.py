@@ -285,11 +285,7 @@ def cancel_batch(batch_id: str, tenant_id: TenantDep) -> BatchObject:
     """Cancel a validating or running batch: `cancelling` until its unfinished lines are
     cancelled (they end with `batch_cancelled` in the error file), then `cancelled`, with
     the output of the lines that had finished. 409 once it has ended."""
-    with session_scope() as session:
-        batch = service.cancel_batch(session, tenant_id=tenant_id, batch_id=batch_id)
-        cancelling = batch.status == "cancelling"
-    if cancelling:
-        service.end_all(service.cancel_lines, batch_id)
+    service.cancel(tenant_id=tenant_id, batch_id=batch_id)
     return _read(tenant_id, batch_id)
 
 

@@ -187,6 +187,12 @@ def get_file(file_id: str, tenant_id: TenantDep) -> FileObject:
 )
 def file_content(file_id: str, tenant_id: TenantDep) -> StreamingResponse:
     """The file's bytes, streamed."""
+    return content_response(tenant_id, file_id)
+
+
+def content_response(tenant_id: uuid.UUID, file_id: str) -> StreamingResponse:
+    """The tenant's file as a download (``attachment``, streamed): this route's answer, and
+    the console's downloads of a batch's files. FileNotFound as ``files.get_file``."""
     with session_scope() as session:
         row = files.get_file(session, tenant_id=tenant_id, file_id=file_id)
     headers = {"content-disposition": f"attachment; filename*=utf-8''{quote(row.filename)}"}

@@ -8,7 +8,9 @@ Layout, one module per area of the console:
 - ``session.py``: sign-in, sign-out, the session cookie and form tokens (``SessionDep``,
   ``FormDep``);
 - ``jobs.py``: the jobs list, a job's page, its actions and live status;
-- ``batches.py``, ``schedules.py``, ``usage.py``: to come (the nav already links them).
+- ``batches.py``: the batches list, a batch's page, its actions, file downloads and live
+  progress (JSON polled by console.js);
+- ``schedules.py``, ``usage.py``: to come (the nav already links them).
 
 Adding a page (``jobs.py`` is the example to copy):
 
@@ -40,10 +42,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from api.ui import core, jobs, session
+from api.ui import batches, core, jobs, session
 
 # Each area of the console: its router (prefix /ui). Add new pages' routers here.
-AREAS: list[APIRouter] = [session.router, jobs.router]
+AREAS: list[APIRouter] = [session.router, jobs.router, batches.router]
 
 
 def install(app: FastAPI) -> None:

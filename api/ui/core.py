@@ -43,6 +43,14 @@ FLASH = {
     "delivery_in_progress": "An attempt of that delivery is in flight; redeliver it once it ends.",
     "url_disabled": "That delivery's URL is disabled (it answered 410); enable it first.",
     "signed_out": "You are signed out.",
+    # batches
+    "batch_cancelled": "The batch is cancelled: its unfinished lines end as cancelled, and "
+    "those that had finished keep their output.",
+    "batch_not_cancellable": "The batch had already ended: nothing was cancelled.",
+    "batch_retried": "A new batch of the failed lines was created: this is it.",
+    "batch_retry_exists": "That batch was already retried from the console: this is the retry.",
+    "batch_not_retryable": "Only a completed, expired or cancelled batch can be retried.",
+    "batch_nothing_to_retry": "The batch has no failed lines to retry.",
 }
 
 

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -226,6 +226,37 @@ def cancel_batch(session: Session, *, tenant_id: uuid.UUID, batch_id: str) -> Ba
     if moved is None and batch.status not in ("cancelling", "cancelled"):
         raise BatchNotCancellable(f"batch {batch_id} is already {batch.status}")
     return batch
+
+
+def cancel(*, tenant_id: uuid.UUID, batch_id: str) -> None:
+    """Cancel the batch as POST /v1/batches/{id}/cancel does: ``cancel_batch`` committed, then
+    its unfinished lines cancelled page by page (the reconciler finishes if this process
+    dies first). BatchNotFound, or BatchNotCancellable once it has ended."""
+    with session_scope() as session:
+        cancelling = cancel_batch(session, tenant_id=tenant_id, batch_id=batch_id).status
+    if cancelling == "cancelling":
+        end_all(cancel_lines, batch_id)
+
+
+def list_lines(
+    session: Session,
+    *,
+    tenant_id: uuid.UUID,
+    batch_id: str,
+    statuses: Sequence[JobStatus],
+    limit: int,
+) -> list[Job]:
+    """The batch's lines (jobs) in ``statuses``, in the order they ended, at most ``limit``;
+    BatchNotFound as ``get_batch``."""
+    get_batch(session, tenant_id=tenant_id, batch_id=batch_id)
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id, Job.status.in_(statuses))
+            .order_by(Job.batch_seq.asc().nulls_last(), Job.id)
+            .limit(limit)
+        )
+    )
 
 
 def cancel_lines(batch_id: str, *, limit: int = CANCEL_PAGE) -> int:

@@ -38,3 +38,63 @@ document.addEventListener("DOMContentLoaded", function () {
   }
   for (var i = 0; i < MAX_STREAMS; i++) { startNext(); }
 });
+
+// Batches: each element with data-live-batch (a list row, a batch page's progress section)
+// polls /ui/batches/{id}/progress, the batch's counts as JSON, and shows them: each
+// [data-field] inside gets that field as text, the [data-bar] <progress> its value and max.
+// One request at a time for the whole page, then a second's pause, so a page of many
+// running batches never floods the server; an element stops once its batch has ended.
+var BATCH_POLL_MS = 1000;
+
+function showBatch(box, data) {
+  var fields = box.querySelectorAll("[data-field]");
+  for (var i = 0; i < fields.length; i++) {
+    var value = data[fields[i].dataset.field];
+    if (value !== undefined && value !== null) { fields[i].textContent = String(value); }
+    if (fields[i].dataset.field === "status") { fields[i].dataset.status = data.status; }
+  }
+  var bar = box.querySelector("[data-bar]");
+  if (bar && data.total > 0) {
+    bar.max = data.total;
+    bar.value = data.ended;
+    bar.textContent = data.percent;
+  }
+  if (data.final) {
+    var note = box.querySelector(".live-done");
+    if (note) { note.hidden = false; }
+    var open = document.querySelectorAll("[data-while-live]");
+    for (var j = 0; j < open.length; j++) { open[j].hidden = true; }
+  }
+}
+
+function pollBatch(box) {
+  var url = "/ui/batches/" + encodeURIComponent(box.dataset.liveBatch) + "/progress";
+  // A redirect (signed out) or an error answer ends this element's updates.
+  return fetch(url, { credentials: "same-origin", redirect: "error", cache: "no-store" })
+    .then(function (response) {
+      if (!response.ok) { throw new Error(String(response.status)); }
+      return response.json();
+    })
+    .then(function (data) {
+      showBatch(box, data);
+      return !data.final;
+    })
+    .catch(function () { return false; });
+}
+
+document.addEventListener("DOMContentLoaded", function () {
+  var live = Array.prototype.slice.call(document.querySelectorAll("[data-live-batch]"));
+  function round() {
+    var still = [];
+    var chain = Promise.resolve();
+    live.forEach(function (box) {
+      chain = chain.then(function () { return pollBatch(box); })
+        .then(function (more) { if (more) { still.push(box); } });
+    });
+    chain.then(function () {
+      live = still;
+      if (live.length) { setTimeout(round, BATCH_POLL_MS); }
+    });
+  }
+  if (live.length) { setTimeout(round, BATCH_POLL_MS); }
+});
