@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from chatjobs.testing import Proc
+from tests.browser import screenshot
 from tests.conftest import new_key
 from tests.integration.test_batches import line, sdk, submit, wait_final
 from tests.integration.ui_helpers import csrf_of, sign_in
@@ -280,8 +281,11 @@ def test_the_page_script_moves_the_bar_to_100_percent_without_a_reload(
     row.locator('[data-field="status"]').filter(has_text="completed").wait_for()
     assert row.locator('[data-field="succeeded"]').text_content() == "6"
     assert row.locator("progress").evaluate("b => [b.value, b.max]") == [7, 7]
+    screenshot(listing, "batches")
     listing.close()
     page.click(".live-done")  # the failed line, then its job, then retry what failed
+    page.locator("table.failed-lines").wait_for()  # the finished page: lines and downloads
+    screenshot(page, "batch")
     page.click("table.failed-lines a")
     page.wait_for_url("**/ui/jobs/*")
     assert "p-bad" in page.content()
