@@ -8,7 +8,9 @@ Layout, one module per area of the console:
 - ``session.py``: sign-in, sign-out, the session cookie and form tokens (``SessionDep``,
   ``FormDep``);
 - ``jobs.py``: the jobs list, a job's page, its actions and live status;
-- ``batches.py``, ``schedules.py``, ``usage.py``: to come (the nav already links them).
+- ``schedules.py``: the schedules list, a schedule's page and its actions;
+- ``usage.py``: usage per day and model, charted (``charts.py``) and tabled;
+- ``batches.py``: to come (the nav already links it).
 
 Adding a page (``jobs.py`` is the example to copy):
 
@@ -40,10 +42,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from api.ui import core, jobs, session
+from api.ui import core, jobs, schedules, session, usage
 
 # Each area of the console: its router (prefix /ui). Add new pages' routers here.
 AREAS: list[APIRouter] = [session.router, jobs.router]
+AREAS += [schedules.router, usage.router]
 
 
 def install(app: FastAPI) -> None:

@@ -43,6 +43,17 @@ FLASH = {
     "delivery_in_progress": "An attempt of that delivery is in flight; redeliver it once it ends.",
     "url_disabled": "That delivery's URL is disabled (it answered 410); enable it first.",
     "signed_out": "You are signed out.",
+    # schedules
+    "paused": "The schedule is paused: it fires nothing until resumed.",
+    "already_paused": "The schedule was already paused: nothing changed.",
+    "resumed": "Resumed: it fires from now on (times passed while paused are not fired).",
+    "not_paused": "The schedule was not paused: nothing changed.",
+    "note_invalid": "That note was refused (over 1000 characters, or a NUL): nothing changed.",
+    "schedule_refused": "The schedule's stored settings no longer validate: nothing changed.",
+    "triggered": "Fired now.",
+    "trigger_buffered": "Buffered: it starts when the running firing ends (overlap policy).",
+    "trigger_skipped": "Skipped: a firing is still running (overlap policy).",
+    "trigger_failed": "The firing failed: its template could not be submitted.",
 }
 
 
