@@ -264,4 +264,5 @@ def test_in_a_browser_pause_and_trigger_work_and_no_tenant_text_runs(
     page.wait_for_url(f"{api_url}/ui/jobs/{firing['job_id']}")
     page.goto(f"{api_url}/ui/schedules")
     page.get_by_role("link", name=sid).wait_for()
+    screenshot(page, "schedules", tmp_path)
     assert watch.clean(), watch
