@@ -10,7 +10,8 @@ Layout, one module per area of the console:
 - ``jobs.py``: the jobs list, a job's page, its actions and live status;
 - ``batches.py``: the batches list, a batch's page, its actions, file downloads and live
   progress (JSON polled by console.js);
-- ``schedules.py``, ``usage.py``: to come (the nav already links them).
+- ``schedules.py``: the schedules list, a schedule's page and its actions;
+- ``usage.py``: usage per day and model, charted (``charts.py``) and tabled.
 
 Adding a page (``jobs.py`` is the example to copy):
 
@@ -42,10 +43,16 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from api.ui import batches, core, jobs, session
+from api.ui import batches, core, jobs, schedules, session, usage
 
 # Each area of the console: its router (prefix /ui). Add new pages' routers here.
-AREAS: list[APIRouter] = [session.router, jobs.router, batches.router]
+AREAS: list[APIRouter] = [
+    session.router,
+    jobs.router,
+    batches.router,
+    schedules.router,
+    usage.router,
+]
 
 
 def install(app: FastAPI) -> None:

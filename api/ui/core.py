@@ -51,6 +51,17 @@ FLASH = {
     "batch_retry_exists": "That batch was already retried from the console: this is the retry.",
     "batch_not_retryable": "Only a completed, expired or cancelled batch can be retried.",
     "batch_nothing_to_retry": "The batch has no failed lines to retry.",
+    # schedules
+    "paused": "The schedule is paused: it fires nothing until resumed.",
+    "already_paused": "The schedule was already paused: nothing changed.",
+    "resumed": "Resumed: it fires from now on (times passed while paused are not fired).",
+    "not_paused": "The schedule was not paused: nothing changed.",
+    "note_invalid": "That note was refused (over 1000 characters, or a NUL): nothing changed.",
+    "schedule_refused": "The schedule's stored settings no longer validate: nothing changed.",
+    "triggered": "Fired now.",
+    "trigger_buffered": "Buffered: it starts when the running firing ends (overlap policy).",
+    "trigger_skipped": "Skipped: a firing is still running (overlap policy).",
+    "trigger_failed": "The firing failed: its template could not be submitted.",
 }
 
 
@@ -68,6 +79,10 @@ env = Environment(
     lstrip_blocks=True,
 )
 env.filters["when"] = when
+# A message longer than this shows its start, the rest behind a <details> (no script): a long
+# document sent for map-reduce would otherwise be the whole page (partials/conversation.html).
+LONG_TEXT = 2000
+env.globals["long_text"] = LONG_TEXT
 
 
 def page(

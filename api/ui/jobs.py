@@ -254,13 +254,7 @@ def _detail(tenant_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
         "stages": step_tree(steps),
         "calls": calls,
         "deliveries": [(d, [a for a in attempts if a.delivery_id == d.id]) for d in sent],
-        "long_text": LONG_TEXT,
     }
-
-
-# A message longer than this shows its start, the rest behind a <details> (no script): a long
-# document sent for map-reduce would otherwise be the whole page.
-LONG_TEXT = 2000
 
 
 def _job_id(raw: str) -> uuid.UUID:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -31,3 +33,11 @@ def sign_in(base: str, key: str) -> Iterator[httpx.Client]:
         answer = client.post("/ui/sign-in", data={"csrf": token, "key": key, "next": "/ui/jobs"})
         assert answer.status_code == 303, answer.text
         yield client
+
+
+def sign_in_page(page: Any, base: str, key: str, next_path: str) -> None:
+    """A real browser's page (Playwright) signed in with ``key``, on ``next_path``."""
+    page.goto(f"{base}/ui/sign-in?next={quote(next_path, safe='/')}")
+    page.fill("#key", key)
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{base}{next_path}")
