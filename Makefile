@@ -41,7 +41,9 @@ APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/
 
 # The README's console screenshots (docs/screenshots/), taken by the browser tests.
 screenshots: install browser
-	CHATJOBS_SCREENSHOTS=docs $(BIN)/pytest -q tests/integration/test_ui_browser.py
+	CHATJOBS_SCREENSHOTS=docs $(BIN)/pytest -q tests/integration/test_ui_browser.py \
+	  tests/integration/test_ui_batches.py tests/integration/test_ui_schedules.py \
+	  tests/integration/test_ui_usage.py
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit

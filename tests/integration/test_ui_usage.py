@@ -8,7 +8,6 @@ import html
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -145,7 +144,7 @@ def test_the_page_defaults_to_the_last_seven_days_and_needs_a_session(
 
 
 def test_in_a_browser_the_charts_draw_under_the_csp_and_no_model_name_runs(
-    page: Page, watch: Watch, api_url: str, stack_env: dict[str, str], tmp_path: Path
+    page: Page, watch: Watch, api_url: str, stack_env: dict[str, str]
 ) -> None:
     name = f"ui-usage-{uuid.uuid4().hex[:8]}"
     key = new_key(name)
@@ -157,5 +156,5 @@ def test_in_a_browser_the_charts_draw_under_the_csp_and_no_model_name_runs(
     assert page.locator("svg.chart rect[fill]").count() >= 8  # bars and legend keys
     assert page.locator("table.usage tbody tr").count() == 3
     assert page.get_by_text(XSS_SCRIPT).count() >= 1  # shown as text
-    screenshot(page, "usage", tmp_path)
+    screenshot(page, "usage")
     assert watch.clean(), watch
