@@ -131,3 +131,27 @@ def test_a_map_reduce_job_shows_its_step_tree(
     expect(tables.locator('td[data-status="succeeded"]')).to_have_count(len(steps))
     screenshot(page, "job-map-reduce")
     assert watch.clean(), watch
+
+
+@pytest.mark.parametrize("page", [False], indirect=True)
+def test_without_javascript_the_pages_read_and_the_forms_work(
+    page: Any, watch: Watch, api_url: str, worker: Any
+) -> None:
+    key = new_key()
+    with api(api_url, key) as client:
+        done = submit(client, "no script here")
+        wait_job(client, done)
+        slow = submit(client, "stay a while", request={"x_sim": {"latency": 60}})
+        wait_job(client, slow, until={"running"})
+    sign_in(page, api_url, key)  # a plain form post
+    for path in ("/ui/jobs", f"/ui/jobs/{done}", "/ui/batches", "/ui/schedules", "/ui/usage"):
+        page.goto(f"{api_url}{path}")
+        assert page.locator("main h1").count() == 1, path
+    page.goto(f"{api_url}/ui/jobs/{done}")
+    assert page.locator('.status[data-status="succeeded"]').count() == 1
+    page.goto(f"{api_url}/ui/jobs/{slow}")
+    page.click("text=Cancel this job")  # the form posts without script too
+    assert page.locator('.status[data-status="cancelled"]').count() == 1
+    page.click("text=Sign out")
+    assert "/ui/sign-in" in page.url
+    assert watch.clean(), watch
