@@ -17,6 +17,28 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "chatjobs.json"
 
+# The families GET /metrics exposes (issue 14), by type: what the
+# dashboard may query, and what tests/integration/test_metrics.py finds in a real scrape.
+FAMILIES = {
+    "chatjobs_build_info": "gauge",
+    "chatjobs_jobs": "gauge",
+    "chatjobs_queue_oldest_age_seconds": "gauge",
+    "chatjobs_batches": "gauge",
+    "chatjobs_jobs_finished": "counter",
+    "chatjobs_queue_wait_seconds": "histogram",
+    "chatjobs_job_duration_seconds": "histogram",
+    "chatjobs_upstream_requests": "counter",
+    "chatjobs_upstream_latency_seconds": "histogram",
+    "chatjobs_upstream_ttft_seconds": "histogram",
+    "chatjobs_tokens": "counter",
+    "chatjobs_limiter_wait_seconds": "histogram",
+    "chatjobs_limiter_deferrals": "counter",
+    "chatjobs_retries": "counter",
+    "chatjobs_recovered": "counter",
+    "chatjobs_webhook_deliveries": "counter",
+    "chatjobs_schedule_fires": "counter",
+}
+
 # What Grafana's own variables stand for when an expression runs outside Grafana: an interval
 # of at least two scrapes at the 15 s scrape interval, and the dashboard's default range.
 BUILTIN_VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "__range": "6h"}

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatjobs.testing import wait_job
 from tests.conftest import MiniStack, new_key
-from tests.dashboard import dashboard_metrics
+from tests.dashboard import FAMILIES, dashboard_metrics
 from tests.integration import test_webhooks_events as job_webhooks
 from tests.integration.test_reliability import wait_until
 from tests.integration.test_webhooks_events import WEBHOOK_ENV, Receiver
@@ -23,26 +23,6 @@ pytestmark = pytest.mark.integration
 
 Make = Callable[..., MiniStack]
 receiver = job_webhooks.receiver
-
-FAMILIES = {
-    "chatjobs_build_info": "gauge",
-    "chatjobs_jobs": "gauge",
-    "chatjobs_queue_oldest_age_seconds": "gauge",
-    "chatjobs_batches": "gauge",
-    "chatjobs_jobs_finished": "counter",
-    "chatjobs_queue_wait_seconds": "histogram",
-    "chatjobs_job_duration_seconds": "histogram",
-    "chatjobs_upstream_requests": "counter",
-    "chatjobs_upstream_latency_seconds": "histogram",
-    "chatjobs_upstream_ttft_seconds": "histogram",
-    "chatjobs_tokens": "counter",
-    "chatjobs_limiter_wait_seconds": "histogram",
-    "chatjobs_limiter_deferrals": "counter",
-    "chatjobs_retries": "counter",
-    "chatjobs_recovered": "counter",
-    "chatjobs_webhook_deliveries": "counter",
-    "chatjobs_schedule_fires": "counter",
-}
 
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]

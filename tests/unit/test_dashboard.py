@@ -15,6 +15,7 @@ import yaml
 
 from tests.dashboard import (
     DASHBOARD,
+    FAMILIES,
     dashboard_metrics,
     load,
     metric_names,
@@ -28,26 +29,6 @@ GRAFANA = ROOT / "deploy" / "grafana"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
-# The families GET /metrics exposes (issue 14), by type.
-FAMILIES = {
-    "chatjobs_build_info": "gauge",
-    "chatjobs_jobs": "gauge",
-    "chatjobs_queue_oldest_age_seconds": "gauge",
-    "chatjobs_batches": "gauge",
-    "chatjobs_jobs_finished": "counter",
-    "chatjobs_queue_wait_seconds": "histogram",
-    "chatjobs_job_duration_seconds": "histogram",
-    "chatjobs_upstream_requests": "counter",
-    "chatjobs_upstream_latency_seconds": "histogram",
-    "chatjobs_upstream_ttft_seconds": "histogram",
-    "chatjobs_tokens": "counter",
-    "chatjobs_limiter_wait_seconds": "histogram",
-    "chatjobs_limiter_deferrals": "counter",
-    "chatjobs_retries": "counter",
-    "chatjobs_recovered": "counter",
-    "chatjobs_webhook_deliveries": "counter",
-    "chatjobs_schedule_fires": "counter",
-}
 SUFFIXES = {"gauge": [""], "counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
 # Sample name -> family: what a query may select.
 SAMPLES = {
