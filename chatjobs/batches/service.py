@@ -102,11 +102,21 @@ class NewBatch:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _replay(session: Session, tenant_id: uuid.UUID, key: str, fingerprint: str) -> Batch | None:
+def _replay(
+    session: Session,
+    tenant_id: uuid.UUID,
+    key: str,
+    fingerprint: str,
+    retry_of: str | None = None,
+) -> Batch | None:
+    """The batch made earlier under ``key``, if any, when it was made from the same body (or,
+    for a retry, of the same batch: each retry uploads a file of its own); else a 409."""
     existing = session.scalar(
         select(Batch).where(Batch.tenant_id == tenant_id, Batch.idempotency_key == key)
     )
-    if existing is not None and existing.request_hash != fingerprint:
+    if existing is None or (retry_of is not None and existing.retry_of == retry_of):
+        return existing
+    if existing.request_hash != fingerprint:
         raise IdempotencyConflict(
             f"Idempotency-Key was already used with a different body (batch {existing.id}); "
             "use a new key for a new batch"
@@ -130,7 +140,7 @@ def create_batch(
     seconds = window_seconds(new.completion_window)
     fingerprint = new.fingerprint()
     if idempotency_key is not None:
-        replay = _replay(session, tenant_id, idempotency_key, fingerprint)
+        replay = _replay(session, tenant_id, idempotency_key, fingerprint, retry_of)
         if replay is not None:
             return replay, False
     try:
@@ -161,15 +171,17 @@ def create_batch(
         # From the database's clock, as created_at is: expires_at = created_at + window.
         expires_at=func.now() + timedelta(seconds=seconds),
     )
-    session.add(batch)
     try:
+        # Added inside the savepoint: begin_nested() flushes what is pending first, outside
+        # it, and a failed insert there would break the whole transaction.
         with session.begin_nested():
+            session.add(batch)
             session.flush()
     except Exception:
         if idempotency_key is None:
             raise
         # A concurrent request with the same key won the insert.
-        replay = _replay(session, tenant_id, idempotency_key, fingerprint)
+        replay = _replay(session, tenant_id, idempotency_key, fingerprint, retry_of)
         if replay is None:
             raise
         return replay, False
@@ -655,13 +667,16 @@ def retry_batch(
         output_expires_seconds=original.output_expires_seconds,
         webhook_url=original.webhook_url,
     )
-    return create_batch(
+    batch, created = create_batch(
         session,
         tenant_id=tenant_id,
         new=new,
         idempotency_key=idempotency_key,
         retry_of=batch_id,
     )
+    if not created:  # a concurrent retry by the same key won: its file is the one used
+        files.delete_file(session, tenant_id=tenant_id, file_id=source.id)
+    return batch, created
 
 
 # --- the reconciler's part and retention ---------------------------------------------------

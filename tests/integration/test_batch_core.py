@@ -151,3 +151,38 @@ def test_expires_at_is_created_at_plus_the_window_exactly(tenant: uuid.UUID) -> 
         batch = session.get(Batch, batch_id)
         assert batch is not None
         assert batch.expires_at - batch.created_at == timedelta(minutes=90)
+
+
+def test_concurrent_creates_under_one_key_make_one_batch_and_every_caller_gets_it(
+    tenant: uuid.UUID,
+) -> None:
+    """The losers of the insert race replay the winner; none sees an error (the insert runs
+    in a savepoint, so a lost race does not break the caller's transaction)."""
+    import threading
+
+    file_id = upload_batch_file(tenant, 1)
+    new = service.NewBatch(file_id, "/v1/chat/completions", "24h")
+    key = f"race-{uuid.uuid4().hex}"
+    start = threading.Barrier(6)
+    made: list[tuple[str, bool]] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            with session_scope() as session:
+                start.wait()
+                batch, created = service.create_batch(
+                    session, tenant_id=tenant, new=new, idempotency_key=key
+                )
+                made.append((batch.id, created))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len({batch_id for batch_id, _ in made}) == 1
+    assert sorted(created for _, created in made) == [False] * 5 + [True]
