@@ -46,7 +46,9 @@ def create_app() -> FastAPI:
         wait_seconds=settings.large_body_wait_seconds,
     )
     app.add_middleware(Authenticate)  # outside BodySizeLimit: the key before the body
-    app.add_middleware(RequestId)  # added last, so outermost: every response gets its id
+    app.add_middleware(RequestId)  # every response gets its id
+    # Outermost: every /ui answer, a 413 of BodySizeLimit too, gets the console's CSP.
+    app.add_middleware(ui.core.SecurityHeaders)
     # Loading the encodings takes ~1.5 s: done at start-up, not in the first request.
     threading.Thread(target=longcontext.warm, name="warm-encodings", daemon=True).start()
     return app

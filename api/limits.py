@@ -1,7 +1,9 @@
 """What one request may cost: body size, large bodies at once, and the per-tenant limits.
 
 Body limits are pure ASGI and run after authentication (api/auth.py), so a caller without a
-valid key never has its body read. A body over CHATJOBS_LARGE_BODY_BYTES costs about eight
+valid key never has a /v1 body read; anywhere else (the console's sign-in form and its other
+forms, whose session is checked by the page) a body is capped at SMALL_BODY_BYTES and never
+takes a large-body slot. A body over CHATJOBS_LARGE_BODY_BYTES costs about eight
 times its size while it is parsed, stored and answered (a 9.9 MiB body ~80 MB, measured with
 bench/big_bodies.py), so at most CHATJOBS_MAX_LARGE_BODIES of them are read at once per
 process. The others wait, unread: uvicorn stops reading a socket once 64 KiB are buffered, so
@@ -51,6 +53,8 @@ log = logging.getLogger("chatjobs.api")
 # --- bodies ----------------------------------------------------------------------------
 
 UPLOAD_PATH = "/v1/files"
+# A body sent anywhere but /v1: the console's forms are a few short fields.
+SMALL_BODY_BYTES = 64 * 1024
 # What a multipart upload may add to its file: boundaries, part headers and short fields.
 FORM_OVERHEAD_BYTES = 256 * 1024
 
@@ -97,12 +101,22 @@ class BodySizeLimit:
                 return
             await self.app(scope, receive, send)
             return
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(send)
+        # Outside /v1 (the console's forms, unknown paths) nobody has shown a key yet and no
+        # body is more than a few fields: a small cap, and never one of the large-body slots.
+        api = scope["path"] == "/v1" or scope["path"].startswith("/v1/")
+        max_bytes = self.max_bytes if api else SMALL_BODY_BYTES
+        setting = "CHATJOBS_MAX_BODY_BYTES" if api else "the limit of a form outside /v1"
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            await self._reject(send, max_bytes, setting)
             return
         holding = False
         try:
-            if declared is not None and declared.isdigit() and int(declared) > self.large_bytes:
+            if (
+                api
+                and declared is not None
+                and declared.isdigit()
+                and int(declared) > self.large_bytes
+            ):
                 if not await self._take_slot(send):
                     return
                 holding = True
@@ -114,10 +128,10 @@ class BodySizeLimit:
                     return
                 body = message.get("body", b"")
                 size += len(body)
-                if size > self.max_bytes:
-                    await self._reject(send)
+                if size > max_bytes:
+                    await self._reject(send, max_bytes, setting)
                     return
-                if size > self.large_bytes and not holding:
+                if api and size > self.large_bytes and not holding:
                     if not await self._take_slot(send):  # no or a false Content-Length
                         return
                     holding = True

@@ -43,16 +43,30 @@ class Current:
     csrf_token: str
 
 
-def open_session(*, session: Session, key: str) -> Opened:
+# Live sessions one key may hold: a browser per person of a small team, and then some. The
+# oldest go first, so signing in in a loop cannot grow the table.
+MAX_PER_KEY = 20
+
+
+def open_session(*, session: Session, key: str, replacing: str | None = None) -> Opened:
     """Sign in with an API key; AuthenticationFailed if it is unknown or revoked.
 
     The key is looked up by its hash, as the API does, so a wrong key costs the same whatever
-    it is. The key's expired sessions are deleted here: sessions never pile up past one
-    lifetime per key that is still used.
+    it is. ``replacing`` is the browser's old session token, if any: it ends here, so a
+    sign-in never leaves the previous session of the same browser alive. The key's expired
+    sessions go too, and past MAX_PER_KEY its oldest ones.
     """
     key_id, tenant_id = key_owner(session=session, key=key)
+    if replacing:
+        close_session(session=session, token=replacing)
+    kept = (
+        select(UiSession.id)
+        .where(UiSession.api_key_id == key_id, UiSession.expires_at > func.now())
+        .order_by(UiSession.created_at.desc(), UiSession.id.desc())
+        .limit(MAX_PER_KEY - 1)
+    )
     session.execute(
-        delete(UiSession).where(UiSession.api_key_id == key_id, UiSession.expires_at <= func.now())
+        delete(UiSession).where(UiSession.api_key_id == key_id, UiSession.id.not_in(kept))
     )
     token = secrets.token_urlsafe(32)
     csrf = secrets.token_urlsafe(32)

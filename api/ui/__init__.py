@@ -38,6 +38,7 @@ directly.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
@@ -63,21 +64,35 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(core.SignInRequired, session.to_sign_in)
     app.add_exception_handler(core.PageError, core.error_page)
     _page_for_unknown_paths(app)
-    app.add_middleware(core.SecurityHeaders)
+    # core.SecurityHeaders is added by api/app.py, outermost, so that answers made by the
+    # other middleware (a 413 of api/limits.py) carry the headers too.
+
+
+_ROUTING_ERRORS = {
+    405: "That address is a form's action: use the button on its page.",
+}
 
 
 def _page_for_unknown_paths(app: FastAPI) -> None:
-    # A path under /ui that no route serves (a page not built yet) is the console's 404 page;
-    # every other HTTP error stays with the handler installed before (api/errors.py's JSON).
-    before = app.exception_handlers.get(HTTPException)
-    assert before is not None, "install api.errors before the console"
+    # Under /ui an HTTP error the routing raises (no such page, a GET of an action's address)
+    # is a console page; everywhere else it stays with the handler installed before
+    # (api/errors.py's JSON, api/methods.py's 405).
+    for key in (HTTPException, 405):
+        before = app.exception_handlers.get(key)
+        assert before is not None, "install api.errors and api.methods before the console"
+        app.add_exception_handler(key, _console_first(before))
 
+
+def _console_first(before: Any) -> Any:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         path = request.url.path
-        if exc.status_code == 404 and (path == core.PREFIX or path.startswith(core.PREFIX + "/")):
-            return core.error_page(request, core.not_found())
+        if path == core.PREFIX or path.startswith(core.PREFIX + "/"):
+            if exc.status_code == 404:
+                return core.error_page(request, core.not_found())
+            message = _ROUTING_ERRORS.get(exc.status_code, "The console could not do that.")
+            return core.error_page(request, core.PageError(exc.status_code, message))
         answer = before(request, exc)
         return await answer if inspect.isawaitable(answer) else answer
 
-    app.add_exception_handler(HTTPException, http_error)
+    return http_error

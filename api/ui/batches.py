@@ -20,7 +20,7 @@ from api.ui.core import PREFIX, not_found, page, see_other
 from api.ui.session import FormDep, SessionDep
 from chatjobs.batches import service
 from chatjobs.db import session_scope
-from chatjobs.errors import InvalidRequest, NotFound
+from chatjobs.errors import IdempotencyConflict, InvalidRequest, NotFound
 from chatjobs.models import Batch, JobStatus
 from chatjobs.schemas import JobRead
 
@@ -28,7 +28,7 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 PAGE_SIZE = 50
 # The failed lines a batch's page lists; the jobs list (filtered by batch) has them all.
 FAILED_SHOWN = 100
-_ID = re.compile(r"^batch_[0-9a-f]{32}$")
+_ID = re.compile(r"batch_[0-9a-f]{32}")
 _UNSUCCESSFUL = (JobStatus.failed, JobStatus.expired, JobStatus.cancelled)
 
 
@@ -152,7 +152,7 @@ class Progress:
 
 
 def _batch_id(raw: str) -> str:
-    if not _ID.match(raw):
+    if not _ID.fullmatch(raw):
         raise not_found()
     return raw
 
@@ -177,7 +177,7 @@ def _list(tenant_id: uuid.UUID, after: str | None, limit: int) -> dict[str, Any]
 async def batch_list(request: Request, current: SessionDep) -> HTMLResponse:
     """The tenant's batches, newest first, a page at a time, each with its progress."""
     after = request.query_params.get("after") or None
-    if after is not None and not _ID.match(after):
+    if after is not None and not _ID.fullmatch(after):
         after = None  # a cursor that is not a batch id: the first page
     try:
         limit = int(request.query_params.get("limit") or PAGE_SIZE)
@@ -314,6 +314,8 @@ def _retry(tenant_id: uuid.UUID, batch_id: str) -> tuple[str, str]:
         return batch_id, "batch_not_retryable"
     except InvalidRequest:  # no failed line
         return batch_id, "batch_nothing_to_retry"
+    except IdempotencyConflict:  # the key names a batch made otherwise (by the API)
+        return batch_id, "batch_retry_key_taken"
     if not created:
         return new_id, "batch_retry_exists"
     service.validate_soon(new_id)  # after the commit, as POST /v1/batches/{id}/retry

@@ -51,6 +51,8 @@ FLASH = {
     "batch_retry_exists": "That batch was already retried from the console: this is the retry.",
     "batch_not_retryable": "Only a completed, expired or cancelled batch can be retried.",
     "batch_nothing_to_retry": "The batch has no failed lines to retry.",
+    "batch_retry_key_taken": "Not retried: the console's retry key for this batch was used by "
+    "another request through the API.",
     # schedules
     "paused": "The schedule is paused: it fires nothing until resumed.",
     "already_paused": "The schedule was already paused: nothing changed.",
@@ -148,8 +150,8 @@ _MAX_FIELDS = 32
 async def read_form(request: Request) -> dict[str, str]:
     """An urlencoded form's fields (the first of a repeated one); empty for any other body.
 
-    Forms here are a few short fields, and api/limits.py has already bounded the body, so
-    no multipart parser is needed (nor installed).
+    Forms here are a few short fields, and api/limits.py has already capped the body (64 KiB
+    outside /v1), so no multipart parser is needed (nor installed).
     """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/x-www-form-urlencoded":

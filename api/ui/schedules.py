@@ -159,13 +159,14 @@ def _set_paused(tenant_id: uuid.UUID, schedule_id: str, paused: bool, note: str)
     if paused and note:
         changes["note"] = note
     try:
-        # The API's body rules for the same change (a note of at most 1000 storable chars).
-        ScheduleUpdate.model_validate(changes)
-    except ValidationError:
-        return "note_invalid"
-    try:
         with session_scope() as session:
+            # Found first (another tenant's is a 404 whatever the note), then the API's body
+            # rules for the same change (a note of at most 1000 storable characters).
             schedule = service.get_schedule(session, tenant_id=tenant_id, schedule_id=schedule_id)
+            try:
+                ScheduleUpdate.model_validate(changes)
+            except ValidationError:
+                return "note_invalid"
             if schedule.paused == paused:
                 return "already_paused" if paused else "not_paused"
             service.update_schedule(

@@ -67,8 +67,18 @@ async def signed_in(request: Request) -> ui_sessions.Current:
             return await run_in_threadpool(_lookup, token)
         except AuthenticationFailed:
             pass
-    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    if request.method == "GET":
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    else:  # a form posted once the session had ended: back to the page it was on
+        here = _page_of(request.url.path)
     raise SignInRequired(here)
+
+
+def _page_of(action: str) -> str:
+    """The page an action's form sits on: ``/ui/jobs/{id}/cancel`` -> ``/ui/jobs/{id}``;
+    the deliveries' ``/ui/jobs/{id}/deliveries/{d}/redeliver`` -> ``/ui/jobs/{id}``."""
+    parts = action.rstrip("/").split("/")  # ["", "ui", area, id, ...]
+    return "/".join(parts[:4]) if len(parts) > 4 else HOME
 
 
 SessionDep = Annotated[ui_sessions.Current, Depends(signed_in)]
@@ -140,9 +150,9 @@ def _same_origin(request: Request) -> bool:
     return origin == f"{request.url.scheme}://{request.url.netloc}"
 
 
-def _open(key: str) -> ui_sessions.Opened:
+def _open(key: str, replacing: str | None) -> ui_sessions.Opened:
     with session_scope() as session:
-        return ui_sessions.open_session(session=session, key=key)
+        return ui_sessions.open_session(session=session, key=key, replacing=replacing)
 
 
 @router.post("/sign-in", response_class=HTMLResponse)
@@ -159,7 +169,7 @@ async def sign_in(request: Request) -> Response:
     try:
         if not key:
             raise AuthenticationFailed("no key")
-        opened = await run_in_threadpool(_open, key)
+        opened = await run_in_threadpool(_open, key, request.cookies.get(COOKIE))
     except AuthenticationFailed:
         return _sign_in_page(request, next_path, status=401, failed=True)
     response = see_other(next_path)

@@ -178,6 +178,27 @@ def test_retry_failed_makes_a_batch_of_the_failed_lines_once_and_goes_to_it(
     oai.batches.cancel(live.id)
 
 
+def test_retry_clicked_several_times_at_once_makes_one_retry_and_no_error(
+    api_url: str, api_key: str, oai: openai.OpenAI
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = finished(oai, ok=1, bad=1)
+    with sign_in(api_url, api_key) as browser:
+        token = csrf_of(browser.get(f"/ui/batches/{done.id}").text)
+        cookies = dict(browser.cookies.items())
+
+    def click(_: int) -> httpx.Response:
+        with httpx.Client(base_url=api_url, cookies=cookies, timeout=30) as each:
+            return each.post(f"/ui/batches/{done.id}/retry", data={"csrf": token})
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(click, range(6)))
+    assert [a.status_code for a in answers] == [303] * 6, [a.text for a in answers]
+    retries = [b for b in oai.batches.list(limit=100) if (b.metadata or {}).get("retry_of")]
+    assert len([b for b in retries if b.metadata == {"retry_of": done.id}]) == 1
+
+
 def test_progress_is_json_of_the_counts_and_pace_for_a_signed_in_owner(
     api_url: str, api_key: str, oai: openai.OpenAI
 ) -> None:

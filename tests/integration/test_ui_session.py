@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
 from sqlalchemy import func, select, update
@@ -210,3 +212,62 @@ def test_static_assets_are_served_from_the_package_with_their_types(api_url: str
     assert "EventSource" in js.text
     assert "<script>" not in page.text and "style=" not in page.text  # no inline code
     assert "http://" not in page.text and "https://" not in page.text  # no CDN
+
+
+def test_a_big_anonymous_form_is_refused_unread_and_the_answer_is_the_consoles(
+    api_url: str,
+) -> None:
+    """Outside /v1 no key has been shown: 64 KiB at most, and no large-body slot taken."""
+    with browser(api_url) as client:
+        big = client.post(
+            "/ui/sign-in",
+            content=b"key=" + b"x" * 2_000_000,
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        action_by_get = client.get(f"/ui/jobs/{'0' * 32}/cancel")
+    assert big.status_code == 413
+    assert "65536 bytes" in big.json()["error"]["message"]
+    assert action_by_get.status_code == 405 and "text/html" in action_by_get.headers["content-type"]
+    for answer in (big, action_by_get):
+        for name, value in SECURITY.items():
+            assert answer.headers.get(name) == value, (answer.url, name)
+
+
+def test_a_form_posted_after_the_session_ended_comes_back_to_its_page(api_url: str) -> None:
+    job = "0" * 32
+    with browser(api_url) as client:
+        answer = client.post(f"/ui/jobs/{job}/cancel", data={"csrf": "x"})
+        delivery = client.post(f"/ui/jobs/{job}/deliveries/{job}/redeliver", data={})
+    assert answer.status_code == 303
+    assert answer.headers["location"] == f"/ui/sign-in?next=/ui/jobs/{job}"
+    assert delivery.headers["location"] == f"/ui/sign-in?next=/ui/jobs/{job}"
+
+
+def test_signing_in_again_ends_the_browsers_old_session_and_a_key_keeps_at_most_twenty(
+    api_url: str, api_key: str
+) -> None:
+    with sign_in(api_url, api_key) as client:
+        old = client.cookies.get("cj_session", path="/ui")
+        token = csrf_of(client.get("/ui/sign-in").text)
+        again = client.post("/ui/sign-in", data={"csrf": token, "key": api_key, "next": "/ui"})
+        assert again.status_code == 303
+        assert client.get("/ui/jobs").status_code == 200  # the new session
+    with browser(api_url) as stale:
+        stale.cookies.set("cj_session", old, path="/ui")
+        assert stale.get("/ui/jobs").status_code == 303  # the old one ended
+    for _ in range(ui_sessions.MAX_PER_KEY + 3):
+        with sign_in(api_url, api_key):
+            pass
+    with session_scope() as session:
+        live = session.scalar(
+            select(func.count())
+            .select_from(UiSession)
+            .where(UiSession.api_key_id.in_(_key_ids(session, api_key)))
+        )
+    assert live == ui_sessions.MAX_PER_KEY
+
+
+def _key_ids(session: Any, key: str) -> Any:
+    from chatjobs.models import ApiKey
+
+    return select(ApiKey.id).where(ApiKey.key_hash == hash_key(key))
