@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,17 +27,15 @@ LIFETIME = timedelta(hours=12)
 
 @dataclass(frozen=True)
 class Opened:
-    """A new session: the token for the cookie (shown only now) and its form token."""
+    """A new session: the token for the cookie (shown only now)."""
 
     token: str
-    csrf_token: str
 
 
 @dataclass(frozen=True)
 class Current:
     """A live session: its caller (tenant and limits, as an API key gives) and form token."""
 
-    id: uuid.UUID
     caller: Caller
     csrf_token: str
 
@@ -80,14 +77,14 @@ def open_session(*, session: Session, key: str, replacing: str | None = None) ->
         )
     )
     session.flush()
-    return Opened(token, csrf)
+    return Opened(token)
 
 
 def current(*, session: Session, token: str) -> Current:
     """The live session of a cookie's token; AuthenticationFailed if it is unknown, expired,
     or its key was revoked since."""
     row = session.execute(
-        select(UiSession.id, UiSession.csrf_token, Tenant.id.label("tenant_id"))
+        select(UiSession.csrf_token, Tenant.id.label("tenant_id"))
         .add_columns(*(getattr(Tenant, name) for name in LIMITS))
         .join(ApiKey, ApiKey.id == UiSession.api_key_id)
         .join(Tenant, Tenant.id == UiSession.tenant_id)
@@ -100,7 +97,7 @@ def current(*, session: Session, token: str) -> Current:
     if row is None:
         raise AuthenticationFailed("not signed in, or the session ended")
     caller = Caller(row.tenant_id, TenantLimits.of(row, get_settings()))
-    return Current(row.id, caller, row.csrf_token)
+    return Current(caller, row.csrf_token)
 
 
 def close_session(*, session: Session, token: str) -> None:

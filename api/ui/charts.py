@@ -14,6 +14,8 @@ PALETTE = ("#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00", "#f
 OTHER = "#999999"
 
 WIDTH, HEIGHT = 720, 260
+# Legend keys per row, a row's height, and the characters of a name that fit a key's column.
+LEGEND_COLUMNS, LEGEND_ROW, LEGEND_CHARS = 3, 16, 30
 LEFT, RIGHT, TOP, BOTTOM = 64, 12, 12, 64
 
 
@@ -93,14 +95,23 @@ def stacked_bars(categories: Sequence[str], series: Sequence[Series], *, label: 
                     f'<text class="axis" x="{cx:.1f}" y="{TOP + plot_h + 16}"'
                     f' text-anchor="middle" font-size="11">{escape(category)}</text>'
                 )
-    legend_y = HEIGHT - 18
-    x = float(LEFT)
+    # The legend: rows of LEGEND_COLUMNS keys below the plot, the drawing as tall as they need.
+    rows = max(1, math.ceil(len(series) / LEGEND_COLUMNS))
+    height = HEIGHT + (rows - 1) * LEGEND_ROW
+    column = (WIDTH - LEFT - RIGHT) / LEGEND_COLUMNS
     for n, layer in enumerate(series):
-        name = layer.name if len(layer.name) <= 28 else layer.name[:27] + "…"
-        parts.append(
-            f'<rect x="{x:.1f}" y="{legend_y - 9}" width="10" height="10" fill="{colour(n)}"/>'
-            f'<text x="{x + 14:.1f}" y="{legend_y}" font-size="11">{escape(name)}</text>'
+        row, col = divmod(n, LEGEND_COLUMNS)
+        x = LEFT + col * column
+        y = HEIGHT - 18 + row * LEGEND_ROW
+        name = (
+            layer.name if len(layer.name) <= LEGEND_CHARS else layer.name[: LEGEND_CHARS - 1] + "…"
         )
-        x += 24 + 7 * len(name)
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y - 9}" width="10" height="10" fill="{colour(n)}"/>'
+            f'<text x="{x + 14:.1f}" y="{y}" font-size="11">{escape(name)}</text>'
+        )
+    parts[0] = parts[0].replace(
+        f'viewBox="0 0 {WIDTH} {HEIGHT}"', f'viewBox="0 0 {WIDTH} {height}"'
+    )
     parts.append("</svg>")
     return Markup("".join(parts))

@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("token_hash", name="uq_ui_sessions_token_hash"),
     )
     op.create_index("ix_ui_sessions_api_key_id", "ui_sessions", ["api_key_id"])
+    op.create_index("ix_ui_sessions_tenant_id", "ui_sessions", ["tenant_id"])
     op.create_index("ix_ui_sessions_expires_at", "ui_sessions", ["expires_at"])
 
 

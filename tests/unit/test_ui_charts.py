@@ -62,3 +62,13 @@ def test_segments_stack_to_the_day_total_against_the_rounded_top() -> None:
 def test_no_data_draws_axes_only() -> None:
     svg = str(stacked_bars([], [], label="nothing yet"))
     assert svg.startswith("<svg") and svg.endswith("</svg>") and "<rect" not in svg
+
+
+def test_many_models_wrap_the_legend_into_rows_inside_the_drawing() -> None:
+    names = [f"model-{i}-{'x' * 40}" for i in range(8)]
+    svg = str(stacked_bars(["d"], [Series(n, [1]) for n in names], label="tokens"))
+    # 8 keys in rows of 3: three rows, the drawing 2 rows taller; names cut to fit a column.
+    assert 'viewBox="0 0 720 292"' in svg
+    xs = [float(x) for x in re.findall(r'<rect x="([0-9.]+)" y="[0-9.]+" width="10"', svg)]
+    assert len(xs) == 8 and max(xs) < 720
+    assert svg.count("…</text>") == 8  # the legend cuts names; the bars' tooltips keep them
