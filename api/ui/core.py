@@ -81,8 +81,9 @@ env = Environment(
     lstrip_blocks=True,
 )
 env.filters["when"] = when
-# A message longer than this shows its start, the rest behind a <details> (no script): a long
-# document sent for map-reduce would otherwise be the whole page (partials/conversation.html).
+# A message's text longer than this is cut on the server: the page carries its start and its
+# length, and names the API request with the whole (a long document sent for map-reduce would
+# otherwise be the whole page; api/ui/jobs.py Text, partials/conversation.html).
 LONG_TEXT = 2000
 env.globals["long_text"] = LONG_TEXT
 

@@ -1,6 +1,7 @@
 """The console's jobs pages: the filterable list, one job in full, its actions (cancel,
-redeliver a webhook) and its live status. Each handler calls the same chatjobs functions as
-the /v1/jobs routes, in one session; only the rendering differs."""
+redeliver a webhook) and its live status (the list polls the statuses of its unfinished rows
+as JSON; a job's page listens to the job's event stream). Each handler calls the same
+chatjobs functions as the /v1/jobs routes, in one session; only the rendering differs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api import streams
-from api.ui.core import PREFIX, not_found, page, see_other
-from api.ui.session import FormDep, SessionDep
+from api.routes.schedules import EARLIEST, LATEST
+from api.ui.core import LONG_TEXT, PREFIX, SignInRequired, not_found, page, see_other
+from api.ui.session import FormDep, SessionDep, signed_in
 from chatjobs import deliveries, jobs
 from chatjobs.db import session_scope
 from chatjobs.errors import (
@@ -26,11 +28,14 @@ from chatjobs.errors import (
     NotFound,
     WebhookUrlDisabled,
 )
-from chatjobs.models import JobStatus
-from chatjobs.schemas import JobRead, StepRead
+from chatjobs.jobs.submit import count_steps_and_calls, statuses
+from chatjobs.models import Job, JobStatus
+from chatjobs.schemas import JobError, JobRead, StepRead, Usage
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 PAGE_SIZE = 50
+# The steps and the upstream calls a job's page lists, each; the API has them all.
+SHOWN = 200
 
 
 @router.get("")
@@ -65,8 +70,8 @@ class Filters:
             setattr(out, name, text[name][:200] or None)
         parsers: dict[str, Any] = {
             "status": JobStatus,
-            "created_from": date.fromisoformat,
-            "created_to": date.fromisoformat,
+            "created_from": _day,
+            "created_to": _day,
             "after": uuid.UUID,
             "limit": _page_size,
         }
@@ -106,6 +111,15 @@ _FIELDS = (
     "after",
     "limit",
 )
+
+
+def _day(text: str) -> date:
+    # The instants the API takes (api/routes/schedules.py): the day after 9999-12-31 is
+    # past datetime's range, and nothing was created before the epoch anyway.
+    day = date.fromisoformat(text)
+    if not EARLIEST.date() <= day < LATEST.date():
+        raise ValueError(text)
+    return day
 
 
 def _page_size(text: str) -> int:
@@ -152,16 +166,54 @@ async def job_list(request: Request, current: SessionDep) -> HTMLResponse:
     )
 
 
+def _statuses(tenant_id: uuid.UUID, ids: list[uuid.UUID]) -> dict[str, str]:
+    with session_scope() as session:
+        found = statuses(session=session, tenant_id=tenant_id, ids=ids)
+    return {str(ident): status.value for ident, status in found.items()}
+
+
+@router.get("/jobs/statuses")
+async def job_statuses(request: Request, current: SessionDep) -> JSONResponse:
+    """The status of each ``id`` (at most a page of them) that is one of the tenant's jobs, as
+    JSON ``{"<id>": "<status>"}``, for the list's script; another tenant's id is absent."""
+    raw = request.query_params.getlist("id")
+    if len(raw) > PAGE_SIZE:
+        return JSONResponse({"error": f"at most {PAGE_SIZE} ids"}, status_code=400)
+    try:
+        ids = [uuid.UUID(value) for value in raw]
+    except ValueError:
+        return JSONResponse({"error": "each id must be a job id"}, status_code=400)
+    found = await run_in_threadpool(_statuses, current.caller.tenant_id, ids)
+    return JSONResponse(found, headers={"cache-control": "no-store"})
+
+
 # --- one job ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class Text:
+    """A text part as the page carries it: its first LONG_TEXT characters, and its length (a
+    document sent for map-reduce would otherwise be the whole page)."""
+
+    start: str
+    length: int
+
+    @classmethod
+    def of(cls, text: str) -> Text:
+        return cls(text[:LONG_TEXT], len(text))
+
+    @property
+    def cut(self) -> bool:
+        return self.length > len(self.start)
+
+
+@dataclass(frozen=True)
 class Message:
-    """One message of a request as the conversation shows it: text parts as text, any other
-    part by its type (an image is named, never fetched)."""
+    """One message of a request as the conversation shows it: text parts as text (cut at
+    LONG_TEXT), any other part by its type (an image is named, never fetched)."""
 
     role: str
-    texts: list[str]
+    texts: list[Text]
     others: list[str]
     extra: str | None  # tool_calls, name, tool_call_id...: as JSON
 
@@ -178,20 +230,20 @@ def conversation(request: dict[str, Any]) -> list[Message]:
             out.append(Message("?", [], [], _json(raw)))
             continue
         content = raw.get("content")
-        texts: list[str] = []
+        texts: list[Text] = []
         others: list[str] = []
         if isinstance(content, str):
-            texts.append(content)
+            texts.append(Text.of(content))
         elif isinstance(content, list):
             for part in content:
                 if isinstance(part, dict) and part.get("type") == "text":
-                    texts.append(str(part.get("text", "")))
+                    texts.append(Text.of(str(part.get("text", ""))))
                 elif isinstance(part, dict):
                     others.append(str(part.get("type", "unknown")))
                 else:
                     others.append(type(part).__name__)
         elif content is not None:
-            texts.append(_json(content))
+            texts.append(Text.of(_json(content)))
         rest = {k: v for k, v in raw.items() if k not in ("role", "content")}
         out.append(Message(str(raw.get("role", "?")), texts, others, _json(rest) if rest else None))
     return out
@@ -232,14 +284,42 @@ def step_tree(steps: list[StepRead]) -> list[tuple[str, list[StepRead]]]:
     return list(stages.items())
 
 
+def step_row(job: Job) -> StepRead:
+    """A step as its row in the page's table, from the summary columns only (no result:
+    ``StepRead.from_job`` reads it)."""
+    return StepRead(
+        id=job.id,
+        kind=job.step_kind or "",
+        level=job.step_level or 0,
+        index=job.step_index or 0,
+        status=job.status,
+        attempts=job.attempts,
+        content=None,
+        usage=Usage(
+            prompt_tokens=job.prompt_tokens,
+            completion_tokens=job.completion_tokens,
+            total_tokens=job.total_tokens,
+        ),
+        error=JobError.from_stored(job.error),
+        completed_at=job.completed_at,
+    )
+
+
 def _detail(tenant_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
     with session_scope() as session:
-        job = JobRead.from_job(jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id))
-        steps = [
-            StepRead.from_job(s)
-            for s in jobs.list_steps(session=session, tenant_id=tenant_id, job_id=job_id)
-        ]
-        calls = jobs.list_calls(session=session, tenant_id=tenant_id, job_id=job_id)
+        row = jobs.get_job(session=session, tenant_id=tenant_id, job_id=job_id)
+        job = JobRead.from_job(row)
+        # The job read once, above; its steps and calls capped at SHOWN each.
+        shown = jobs.list_steps(
+            session=session, tenant_id=tenant_id, job_id=job_id, job=row, limit=SHOWN
+        )
+        steps = sorted((step_row(s) for s in shown), key=lambda s: (s.level, s.index))
+        calls = jobs.list_calls(
+            session=session, tenant_id=tenant_id, job_id=job_id, job=row, limit=SHOWN
+        )
+        totals = (len(steps), len(calls))
+        if SHOWN in totals:
+            totals = count_steps_and_calls(session=session, tenant_id=tenant_id, job_id=job_id)
         sent = deliveries.list_for_job(session, tenant_id, job_id)
         attempts = deliveries.attempts_for(session, [d.id for d in sent])
         session.expunge_all()  # read after the session closes
@@ -252,7 +332,10 @@ def _detail(tenant_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
         "result_json": _json(job.result) if job.result is not None else None,
         "metadata_json": _json(job.metadata) if job.metadata else None,
         "stages": step_tree(steps),
+        "steps_shown": len(steps),
+        "steps_total": totals[0],
         "calls": calls,
+        "calls_total": totals[1],
         "deliveries": [(d, [a for a in attempts if a.delivery_id == d.id]) for d in sent],
     }
 
@@ -319,8 +402,19 @@ async def redeliver(job_id: str, delivery_id: str, current: SessionDep, _: FormD
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request, current: SessionDep) -> Response:
     """The job's server-sent events for the page's script: GET /v1/jobs/{id}/events's stream,
-    authenticated by the session instead of a key."""
+    authenticated by the session instead of a key, its status events only the status, and
+    ended once the session is (signed out, expired, its key revoked)."""
+
+    async def still_signed_in() -> bool:
+        try:
+            await signed_in(request)
+        except SignInRequired:
+            return False
+        return True
+
     try:
-        return await streams.job_events(_job_id(job_id), current.caller, request)
+        return await streams.job_events(
+            _job_id(job_id), current.caller, request, slim=True, still_allowed=still_signed_in
+        )
     except NotFound:
         raise not_found() from None

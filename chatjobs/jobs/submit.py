@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, func, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from chatjobs import longcontext
 from chatjobs.errors import IdempotencyConflict, JobNotCancellable, JobNotFound
@@ -193,6 +194,19 @@ def get_status(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     return status
 
 
+def statuses(
+    *, session: Session, tenant_id: uuid.UUID, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, JobStatus]:
+    """The status of each of ``ids`` that is the tenant's job, in one query; any other id
+    (missing, a step, another tenant's) is simply absent."""
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Job.id, Job.status).where(Job.id.in_(set(ids)), *_top_level(tenant_id))
+    )
+    return {row.id: row.status for row in rows}
+
+
 def list_jobs(
     *,
     session: Session,
@@ -249,21 +263,93 @@ def cancel_job(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> 
     return get_job(session=session, tenant_id=tenant_id, job_id=job_id)
 
 
-def list_calls(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[UpstreamCall]:
+def _checked(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, job: Job | None) -> None:
+    # JobNotFound as get_job; ``job`` is the one the caller read with get_job (no second read).
+    if job is None:
+        get_status(session=session, tenant_id=tenant_id, job_id=job_id)
+    elif job.id != job_id or job.tenant_id != tenant_id or job.parent_id is not None:
+        raise JobNotFound(f"no job {job_id}")
+
+
+def list_calls(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    job_id: uuid.UUID,
+    job: Job | None = None,
+    limit: int | None = None,
+) -> list[UpstreamCall]:
     """Every upstream call made for the tenant's job, its steps' included, oldest first;
-    JobNotFound as ``get_job``."""
-    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
-    family = select(Job.id).where(Job.parent_id == job_id)
-    return list(
-        session.scalars(
-            select(UpstreamCall)
-            .where((UpstreamCall.job_id == job_id) | UpstreamCall.job_id.in_(family))
-            .order_by(UpstreamCall.id)
-        )
+    JobNotFound as ``get_job``. ``job``: the job as get_job read it, not read again;
+    ``limit``: only the newest that many, newest first."""
+    _checked(session, tenant_id, job_id, job)
+    family = select(Job.id).where(Job.parent_id == job_id, Job.tenant_id == tenant_id)
+    stmt = select(UpstreamCall).where(
+        (UpstreamCall.job_id == job_id) | UpstreamCall.job_id.in_(family)
     )
+    if limit is None:
+        return list(session.scalars(stmt.order_by(UpstreamCall.id)))
+    return list(session.scalars(stmt.order_by(UpstreamCall.id.desc()).limit(limit)))
 
 
-def list_steps(*, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> list[Job]:
-    """A chunked job's map and reduce steps, in order; each keeps its own result."""
-    get_job(session=session, tenant_id=tenant_id, job_id=job_id)
-    return steps.list_steps(session, job_id)
+# What a listing of steps shows (no request, no result: a map step carries its chunk).
+STEP_SUMMARY = (
+    Job.id,
+    Job.parent_id,
+    Job.tenant_id,
+    Job.step_kind,
+    Job.step_level,
+    Job.step_index,
+    Job.status,
+    Job.attempts,
+    Job.prompt_tokens,
+    Job.completion_tokens,
+    Job.total_tokens,
+    Job.error,
+    Job.completed_at,
+)
+
+
+def list_steps(
+    *,
+    session: Session,
+    tenant_id: uuid.UUID,
+    job_id: uuid.UUID,
+    job: Job | None = None,
+    limit: int | None = None,
+) -> list[Job]:
+    """A chunked job's map and reduce steps, in order; each keeps its own result. JobNotFound
+    as ``get_job``; ``job``: the job as get_job read it, not read again.
+
+    With ``limit``: at most that many, the latest stage's first (the last reduce level, then
+    the one before, ..., then the map), and only the ``STEP_SUMMARY`` columns (any other
+    attribute raises rather than loading a row at a time)."""
+    _checked(session, tenant_id, job_id, job)
+    if limit is None:
+        return steps.list_steps(session, job_id)
+    stmt = (
+        select(Job)
+        .where(Job.parent_id == job_id, Job.tenant_id == tenant_id)
+        .options(load_only(*STEP_SUMMARY, raiseload=True))
+        .order_by(Job.step_level.desc(), Job.step_index)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def count_steps_and_calls(
+    *, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID
+) -> tuple[int, int]:
+    """How many steps and upstream calls the tenant's job has (its steps' calls included),
+    in one query; (0, 0) for a job not the tenant's."""
+    family = select(Job.id).where(Job.parent_id == job_id, Job.tenant_id == tenant_id)
+    own = select(Job.id).where(Job.id == job_id, *_top_level(tenant_id))
+    steps_n = select(func.count()).select_from(family.subquery()).scalar_subquery()
+    calls_n = (
+        select(func.count())
+        .select_from(UpstreamCall)
+        .where(UpstreamCall.job_id.in_(own) | UpstreamCall.job_id.in_(family))
+        .scalar_subquery()
+    )
+    row = session.execute(select(steps_n, calls_n)).one()
+    return int(row[0]), int(row[1])

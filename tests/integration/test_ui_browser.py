@@ -62,18 +62,23 @@ def test_sign_in_live_status_cancel_and_hostile_text(
         hostile = submit(client, XSS, metadata={"note": XSS})
         wait_job(client, hostile)
         slow = submit(client, "take your time", request={"x_sim": {"latency": 60}})
-        live = submit(client, f"live {uuid.uuid4().hex}", request={"x_sim": {"latency": 3}})
+        # More unfinished rows than a browser has connections for streams: the list polls.
+        live = [
+            submit(client, f"live {i} {uuid.uuid4().hex}", request={"x_sim": {"latency": 3}})
+            for i in range(6)
+        ]
 
         sign_in(page, api_url, key, shot="sign-in")
 
-        # The list updates the live job's status in place: queued/running, then succeeded.
-        cell = page.locator(f'[data-live-job="{live}"]')
-        assert cell.count() == 1
+        # The list updates each live job's status in place: queued/running, then succeeded.
+        cells = [page.locator(f'[data-live-job="{job}"]') for job in live]
+        assert [cell.count() for cell in cells] == [1] * len(live)
         mark_page(page)
         # Polled by Playwright, not a string evaluated in the page (the CSP forbids eval).
-        expect(cell).to_have_text("succeeded", timeout=30_000)
+        for cell in cells:
+            expect(cell).to_have_text("succeeded", timeout=30_000)
         assert stayed(page)
-        assert wait_job(client, live)["status"] == "succeeded"
+        assert [wait_job(client, job)["status"] for job in live] == ["succeeded"] * len(live)
         screenshot(page, "jobs")
 
         # Hostile request text and metadata show as text; nothing runs.
@@ -89,6 +94,20 @@ def test_sign_in_live_status_cancel_and_hostile_text(
         page.click("text=Cancel this job")
         page.wait_for_selector('.status[data-status="cancelled"]')
         assert client.get(f"/v1/jobs/{slow}").json()["status"] == "cancelled"
+
+        # A job's page follows its job's stream: ended elsewhere, the page says so in place
+        # and its cancel form goes.
+        other = submit(client, "ended elsewhere", request={"x_sim": {"latency": 60}})
+        wait_job(client, other, until={"running"})
+        page.goto(f"{api_url}/ui/jobs/{other}")
+        form = page.locator(f'form[action="/ui/jobs/{other}/cancel"]')
+        expect(form).to_be_visible()
+        mark_page(page)
+        client.post(f"/v1/jobs/{other}/cancel")
+        expect(page.locator(f'[data-live-job="{other}"]')).to_have_text("cancelled")
+        expect(form).to_be_hidden()
+        expect(page.locator(".live-done")).to_be_visible()
+        assert stayed(page)
 
     assert watch.dialogs == [] and watch.external == [] and watch.csp == [], watch
     assert watch.clean(), watch

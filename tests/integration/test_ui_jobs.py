@@ -1,8 +1,11 @@
-"""The console's jobs pages: the list and its filters, a job's page, cancel and redeliver
-behind form tokens, tenant isolation, escaping, and the live status stream."""
+"""The console's jobs pages: the list and its filters, a job's page (capped for big jobs),
+cancel and redeliver behind form tokens, tenant isolation, escaping, the statuses the list
+polls, and the live status stream (slim, kept alive, ended with the session)."""
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,7 +16,8 @@ import pytest
 from sqlalchemy import update
 
 from chatjobs.db import session_scope
-from chatjobs.models import Job, JobStatus
+from chatjobs.jobs import steps
+from chatjobs.models import Job, JobStatus, UpstreamCall
 from chatjobs.testing import wait_job
 from tests.conftest import MiniStack, new_key
 from tests.integration import test_webhooks_events as job_webhooks
@@ -90,6 +94,10 @@ def test_the_list_filters_and_pages_newest_first(
         )
         tomorrow = browser.get("/ui/jobs", params={"created_from": str(today + timedelta(1))})
         invalid = browser.get("/ui/jobs", params={"status": "nonsense", "created_from": "x"})
+        # Dates a date input takes but no instant of ours can be: refused, never a 500.
+        extremes = browser.get(
+            "/ui/jobs", params={"created_from": "0001-01-01", "created_to": "9999-12-31"}
+        )
     assert newest.text.index(c["id"]) < newest.text.index(b["id"]) and a["id"] not in newest.text
     assert 'rel="next"' in newest.text and f"after={b['id']}" in newest.text
     assert a["id"] in older.text and c["id"] not in older.text
@@ -99,6 +107,9 @@ def test_the_list_filters_and_pages_newest_first(
     assert _ids(tomorrow.text) == []
     assert invalid.status_code == 200 and "Ignored the status filter" in invalid.text
     assert "Ignored the created_from filter" in invalid.text
+    assert extremes.status_code == 200 and {a["id"], b["id"], c["id"]} <= set(_ids(extremes.text))
+    assert "Ignored the created_from filter" in extremes.text
+    assert "Ignored the created_to filter" in extremes.text
 
 
 def _ids(html: str) -> list[str]:
@@ -186,6 +197,79 @@ def test_request_and_result_text_render_escaped(
     assert page.text.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 3  # request, result, meta
 
 
+def test_statuses_answer_the_owners_jobs_only_in_one_json_object(
+    api_url: str, client: httpx.Client, api_key: str
+) -> None:
+    mine = [submit(client) for _ in range(3)]
+    client.post(f"/v1/jobs/{mine[0]['id']}/cancel")
+    with httpx.Client(base_url=api_url, headers=_bearer(new_key())) as other:
+        theirs = submit(other)
+    ids = [j["id"] for j in mine] + [theirs["id"], str(uuid.uuid4())]
+    with httpx.Client(base_url=api_url, follow_redirects=False) as anonymous:
+        refused = anonymous.get("/ui/jobs/statuses", params={"id": ids})
+    with sign_in(api_url, api_key) as browser:
+        answer = browser.get("/ui/jobs/statuses", params={"id": ids})
+        none = browser.get("/ui/jobs/statuses")
+        page = browser.get("/ui/jobs/statuses", params={"id": [str(uuid.uuid4())] * 50})
+        too_many = browser.get("/ui/jobs/statuses", params={"id": [str(uuid.uuid4())] * 51})
+        garbage = browser.get("/ui/jobs/statuses", params={"id": [mine[1]["id"], "x<script>"]})
+    assert refused.status_code == 303 and "/ui/sign-in" in refused.headers["location"]
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    found = answer.json()
+    assert found.keys() == {j["id"] for j in mine}  # another tenant's and a missing id: absent
+    assert found[mine[0]["id"]] == "cancelled"
+    assert {found[j["id"]] for j in mine[1:]} <= {"queued", "running"}
+    assert none.status_code == 200 and none.json() == {}
+    assert page.status_code == 200 and page.json() == {}
+    assert too_many.status_code == 400 and garbage.status_code == 400
+    assert "<script>" not in garbage.text
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_big_jobs_page_caps_steps_and_calls_and_cuts_long_text(
+    api_url: str, client: httpx.Client, api_key: str
+) -> None:
+    document = "D" * 1990 + "<b>" + "E" * 5000  # its cut falls inside the markup
+    job = submit(client, request={"messages": [{"role": "user", "content": document}]})
+    chunk = "CHUNK-TEXT-" * 500  # what a map step's request carries: never on the page
+    with session_scope() as session:  # as a planned map-reduce would have them
+        parent = session.get_one(Job, uuid.UUID(job["id"]))
+        made = steps.insert_steps(
+            session, parent, "map", 0, [{"messages": [{"role": "user", "content": chunk}]}] * 210,
+            [1] * 210,
+        )  # fmt: skip
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(made))
+            .values(status=JobStatus.succeeded, result={"chunk": chunk}, next_attempt_at=None)
+        )
+        session.add_all(
+            UpstreamCall(
+                job_id=made[i % len(made)], tenant_id=parent.tenant_id, claim_seq=1, attempt=1,
+                model=parent.model, status_code=200, latency_ms=i, request_id=f"req-{i:04d}",
+            )
+            for i in range(205)
+        )  # fmt: skip
+    with sign_in(api_url, api_key) as browser:
+        page = browser.get(f"/ui/jobs/{job['id']}")
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    html = page.text
+    assert page.status_code == 200
+    assert "Showing 200 of 210 steps" in html and f"GET /v1/jobs/{job['id']}/steps" in html
+    assert html.count('<td class="status" data-status="succeeded">') == 200
+    assert "Showing the newest 200 of 205 calls" in html
+    assert "req-0204" in html and "req-0004" not in html  # newest first
+    assert "CHUNK-TEXT" not in html
+    # The message: its first 2,000 characters once, its length, where the whole is.
+    assert html.count("D" * 1990 + "&lt;b&gt;") == 1 and "E" * 8 not in html
+    assert "6,993 characters in all" in html and f"GET /v1/jobs/{job['id']}</code>" in html
+    assert "<details" not in html.split("<h2>Result</h2>")[0]
+    assert len(html) < 150_000
+
+
 def test_the_event_stream_needs_a_session_and_streams_the_status(
     api_url: str, client: httpx.Client, api_key: str
 ) -> None:
@@ -198,9 +282,31 @@ def test_the_event_stream_needs_a_session_and_streams_the_status(
     assert refused.status_code == 303
     assert streamed.status_code == 200
     assert streamed.headers["content-type"].startswith("text/event-stream")
-    assert streamed.text.startswith("event: status\ndata: {")
-    assert f'"id":"{job["id"]}"' in streamed.text and '"status":"cancelled"' in streamed.text
+    # Only the status: the page shows nothing else (the API's stream sends the whole job).
+    assert streamed.text.startswith('event: status\ndata: {"status": "cancelled"}\n\n')
+    assert job["id"] not in streamed.text
     assert "event: done" in streamed.text
+
+
+def test_the_event_stream_keeps_alive_and_ends_with_the_session(
+    api_url: str, client: httpx.Client, api_key: str
+) -> None:
+    job = submit(client, request={"x_sim": {"latency": 60}})
+    lines: list[str] = []
+    with sign_in(api_url, api_key) as browser:
+        token = csrf_of(browser.get("/ui/jobs").text)
+        started = time.monotonic()
+        with browser.stream("GET", f"/ui/jobs/{job['id']}/events", timeout=60) as stream:
+            for line in stream.iter_lines():
+                lines.append(line)
+                if line == ": keepalive" and lines.count(line) == 1:
+                    signed_out = browser.post("/ui/sign-out", data={"csrf": token})
+        took = time.monotonic() - started
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert signed_out.status_code == 303
+    assert lines[0] == "event: status" and ": keepalive" in lines
+    # Ended by the session check (every 30 s), well before the job's 60 s; no `done`.
+    assert "event: done" not in lines and took < 45, (took, lines)
 
 
 def test_redeliver_needs_the_form_token_and_resends_under_the_same_webhook_id(
@@ -234,3 +340,19 @@ def test_redeliver_needs_the_form_token_and_resends_under_the_same_webhook_id(
     first, second = receiver.on("/ok")
     assert second.headers["webhook-id"] == first.headers["webhook-id"]
     assert "sent again" in shown.text and "Upstream calls" in shown.text
+
+
+def test_the_api_stream_keeps_alive_too_and_still_sends_the_whole_job(
+    api_url: str, client: httpx.Client
+) -> None:
+    job = submit(client, request={"x_sim": {"latency": 60}})
+    lines: list[str] = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as stream:
+        for line in stream.iter_lines():
+            lines.append(line)
+            if line == ": keepalive":
+                break
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    first = json.loads(lines[1].removeprefix("data: "))
+    assert lines[0] == "event: status" and first["id"] == job["id"] and "request" in first
+    assert lines[-1] == ": keepalive"
