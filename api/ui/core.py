@@ -85,7 +85,6 @@ env.filters["when"] = when
 # length, and names the API request with the whole (a long document sent for map-reduce would
 # otherwise be the whole page; api/ui/jobs.py Text, partials/conversation.html).
 LONG_TEXT = 2000
-env.globals["long_text"] = LONG_TEXT
 
 
 def page(

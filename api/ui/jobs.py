@@ -28,7 +28,6 @@ from chatjobs.errors import (
     NotFound,
     WebhookUrlDisabled,
 )
-from chatjobs.jobs.submit import count_steps_and_calls, statuses
 from chatjobs.models import Job, JobStatus
 from chatjobs.schemas import JobError, JobRead, StepRead, Usage
 
@@ -168,7 +167,7 @@ async def job_list(request: Request, current: SessionDep) -> HTMLResponse:
 
 def _statuses(tenant_id: uuid.UUID, ids: list[uuid.UUID]) -> dict[str, str]:
     with session_scope() as session:
-        found = statuses(session=session, tenant_id=tenant_id, ids=ids)
+        found = jobs.statuses(session=session, tenant_id=tenant_id, ids=ids)
     return {str(ident): status.value for ident, status in found.items()}
 
 
@@ -319,7 +318,7 @@ def _detail(tenant_id: uuid.UUID, job_id: uuid.UUID) -> dict[str, Any]:
         )
         totals = (len(steps), len(calls))
         if SHOWN in totals:
-            totals = count_steps_and_calls(session=session, tenant_id=tenant_id, job_id=job_id)
+            totals = jobs.count_steps_and_calls(session=session, tenant_id=tenant_id, job_id=job_id)
         sent = deliveries.list_for_job(session, tenant_id, job_id)
         attempts = deliveries.attempts_for(session, [d.id for d in sent])
         session.expunge_all()  # read after the session closes

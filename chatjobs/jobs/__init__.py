@@ -49,12 +49,14 @@ from chatjobs.jobs.dispatch import (
 from chatjobs.jobs.submit import (
     Created,
     cancel_job,
+    count_steps_and_calls,
     create_job,
     get_job,
     get_status,
     list_calls,
     list_jobs,
     list_steps,
+    statuses,
 )
 from chatjobs.jobs.sweeps import Reconciled, count_prunable, prune, prune_batch, reconcile
 from chatjobs.upstream import clean_usage
@@ -77,6 +79,7 @@ __all__ = [
     "clean_usage",
     "consumed",
     "count_prunable",
+    "count_steps_and_calls",
     "create_job",
     "defer_job",
     "error_record",
@@ -95,4 +98,5 @@ __all__ = [
     "reconcile",
     "record_outcome",
     "renew_leases",
+    "statuses",
 ]
