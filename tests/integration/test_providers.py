@@ -1,0 +1,158 @@
+"""A job routed through an AI Gateway, in-process against real Postgres and Redis: the worker's
+attempt code (worker.execute._call) with the real adapter and client, the gateway answered by
+httpx.MockTransport. A cache HIT refunds the token reservation in the shared limiter and is
+reported apart in the usage; a MISS is charged as before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from sqlalchemy import select
+
+from api.routes.usage import UsageRead
+from chatjobs import jobs, usage
+from chatjobs.db import session_scope
+from chatjobs.limiter import RateLimiter
+from chatjobs.models import UpstreamCall
+from chatjobs.routing import Route, model_entries, route_for
+from chatjobs.settings import get_settings
+from chatjobs.upstream import Completion, chat_completion
+from tests.integration.test_state_machine import claim, submit
+from worker import execute
+from worker.runtime import call_context
+
+pytestmark = pytest.mark.integration
+
+ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1764500000,
+    "model": "gpt-4.1",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
+}
+RESERVED = 1000
+
+
+class Gateway:
+    """A runtime whose calls go through the real adapter to a gateway stand-in."""
+
+    worker_id = "test:providers"
+
+    def __init__(self, limiter: RateLimiter, cache_status: str) -> None:
+        self.limiter = limiter
+        self.cache_status = cache_status
+        self.sent: list[httpx.Request] = []
+
+    def call(self, claim: jobs.Claim, route: Route) -> Completion:
+        def answer(request: httpx.Request) -> httpx.Response:
+            self.sent.append(request)
+            return httpx.Response(
+                200, json=ANSWER, headers={"cf-aig-cache-status": self.cache_status}
+            )
+
+        async def run() -> Completion:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+                return await chat_completion(
+                    claim.request,
+                    model=claim.model,
+                    client=client,
+                    api_key="cf-token",
+                    route=route,
+                    context=call_context(claim),
+                )
+
+        return asyncio.run(run())
+
+
+@pytest.fixture
+def gateway_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[models."*"]\nprovider = "ai-gateway"\naccount_id = "acc-test"\n'
+        f'gateway_id = "gw-{uuid.uuid4().hex[:8]}"\ntpm = 60000\n'
+    )
+    monkeypatch.setenv("CHATJOBS_MODELS_FILE", str(models))
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+    yield
+    monkeypatch.delenv("CHATJOBS_MODELS_FILE")
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+
+
+@pytest.fixture
+def limiter() -> Iterator[RateLimiter]:
+    client = redis.Redis.from_url(get_settings().redis_url)
+    prefix = f"test-providers-{uuid.uuid4().hex}"
+    yield RateLimiter(client, prefix=prefix)
+    keys = list(client.scan_iter(match=f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def run_one(tenant: uuid.UUID, limiter: RateLimiter, cache_status: str) -> tuple[float, Gateway]:
+    """Reserve, call, correct; returns the tokens the call gave back to the limiter's schedule
+    (its reservation less what it was charged), in seconds of the schedule."""
+    job_id = submit(tenant, gateway={"cache_ttl": 600, "cache_key": "k-1"})
+    c = claim(job_id)
+    assert c is not None
+    route = route_for(c.model)
+    assert route.provider == "ai-gateway" and route.limits.tpm == 60000
+    key, limits = route.limit_key, route.limits
+    # Someone's earlier call fills the schedule, so a refund has room to show.
+    assert limiter.acquire(key, limits, tokens=5000, call_id="x", max_wait=60).granted
+    assert limiter.acquire(key, limits, tokens=RESERVED, call_id="c", max_wait=60).granted
+    reserved_at = float(limiter.state(key)["tokens_tat"])
+    runtime = Gateway(limiter, cache_status)
+    outcome = execute._call(runtime, c, route, reserved=RESERVED)  # type: ignore[arg-type]
+    assert outcome == "succeeded"
+    return reserved_at - float(limiter.state(key)["tokens_tat"]), runtime
+
+
+def test_a_cache_hit_refunds_its_reservation_and_is_reported_apart(
+    tenant: uuid.UUID, limiter: RateLimiter, gateway_route: None
+) -> None:
+    pace = 60 / (60000 * get_settings().limiter_headroom)  # seconds per token
+    hit_refund, runtime = run_one(tenant, limiter, "HIT")
+    miss_refund, _ = run_one(tenant, limiter, "MISS")
+    # A HIT gives back its whole reservation; a MISS keeps the 23 tokens it used.
+    assert hit_refund == pytest.approx(RESERVED * pace, abs=pace)
+    assert miss_refund == pytest.approx((RESERVED - 23) * pace, abs=pace)
+
+    sent = runtime.sent[0]
+    assert sent.headers["cf-aig-max-attempts"] == "1"
+    assert sent.headers["cf-aig-cache-ttl"] == "600"
+    assert sent.headers["cf-aig-cache-key"] == "k-1"
+    metadata = json.loads(sent.headers["cf-aig-metadata"])
+    assert metadata["attempt"] == 1 and metadata["tenant"] == str(tenant)
+
+    with session_scope() as session:
+        logged = session.execute(
+            select(UpstreamCall.cached, UpstreamCall.total_tokens)
+            .where(UpstreamCall.tenant_id == tenant)
+            .order_by(UpstreamCall.id)
+        ).all()
+        assert [tuple(r) for r in logged] == [(True, 23), (False, 23)]
+        now = datetime.now(UTC)
+        (row,) = usage.usage(
+            session=session,
+            tenant_id=tenant,
+            start=now - timedelta(hours=1),
+            end=now + timedelta(minutes=1),
+            group_by=(),
+        )
+    shown: dict[str, Any] = UsageRead.of(row, ()).model_dump(exclude_none=True)
+    assert shown["requests"] == 2 and shown["total_tokens"] == 46  # returned usage, as before
+    assert shown["cached_requests"] == 1 and shown["cached_tokens"] == 23
+    assert shown["billed_tokens"] == 23
