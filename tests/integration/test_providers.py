@@ -22,8 +22,9 @@ from api.routes.usage import UsageRead
 from chatjobs import jobs, usage
 from chatjobs.db import session_scope
 from chatjobs.limiter import RateLimiter
-from chatjobs.models import UpstreamCall
+from chatjobs.models import Job, JobStatus, UpstreamCall
 from chatjobs.routing import Route, model_entries, route_for
+from chatjobs.schemas import JobCreate
 from chatjobs.settings import get_settings
 from chatjobs.upstream import Completion, chat_completion
 from tests.integration.test_state_machine import claim, submit
@@ -156,3 +157,103 @@ def test_a_cache_hit_refunds_its_reservation_and_is_reported_apart(
     assert shown["requests"] == 2 and shown["total_tokens"] == 46  # returned usage, as before
     assert shown["cached_requests"] == 1 and shown["cached_tokens"] == 23
     assert shown["billed_tokens"] == 23
+
+
+# --- one models file, two providers --------------------------------------------------------------
+
+MIXED = """
+[models."llama"]
+provider = "workers-ai"
+mode = "native"
+account_id = "acc-mixed"
+upstream_model = "@cf/meta/llama-3.1-8b-instruct"
+
+[models."gpt-azure"]
+provider = "azure"
+endpoint = "https://res.openai.azure.com"
+deployment = "gpt41"
+"""
+NATIVE = {"result": {"response": "from workers ai"}, "success": True, "errors": [], "messages": []}
+
+
+def _submit_model(tenant: uuid.UUID, model: str) -> uuid.UUID:
+    body = JobCreate.model_validate(
+        {"request": {"model": model, "messages": [{"role": "user", "content": "hello"}]}}
+    )
+    with session_scope() as session:
+        return jobs.create_job(session=session, tenant_id=tenant, body=body).job.id
+
+
+class ByHost:
+    """A runtime whose calls go through the real adapters to stand-ins for both providers."""
+
+    worker_id = "test:mixed"
+    limiter = None
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+
+    def call(self, claim: jobs.Claim, route: Route) -> Completion:
+        def answer(request: httpx.Request) -> httpx.Response:
+            self.urls.append(str(request.url))
+            if request.url.host == "api.cloudflare.com":
+                return httpx.Response(200, json=NATIVE)
+            assert request.headers["api-key"] == "az-key"
+            azure = {**ANSWER, "choices": [{"index": 0, "message": {"content": "from azure"}}]}
+            return httpx.Response(200, json=azure)
+
+        async def run() -> Completion:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+                return await chat_completion(
+                    claim.request,
+                    model=claim.model,
+                    client=client,
+                    api_key="az-key" if route.provider == "azure" else "cf-key",
+                    route=route,
+                    context=call_context(claim),
+                )
+
+        return asyncio.run(run())
+
+
+def test_jobs_of_one_models_file_route_to_two_providers_by_model(
+    tenant: uuid.UUID, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs submitted together, not a batch: a batch holds one model (OpenAI's rule, kept in
+    chatjobs.batches.lines), and one model routes to one provider."""
+    models = tmp_path / "models.toml"
+    models.write_text(MIXED)
+    monkeypatch.setenv("CHATJOBS_MODELS_FILE", str(models))
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+    try:
+        job_ids = [
+            _submit_model(tenant, model) for model in ("llama", "gpt-azure", "llama", "gpt-azure")
+        ]
+        runtime = ByHost()
+        for job_id in job_ids:
+            c = claim(job_id)
+            assert c is not None
+            assert execute._call(runtime, c, route_for(c.model)) == "succeeded"  # type: ignore[arg-type]
+        with session_scope() as session:
+            done = session.execute(
+                select(Job.model, Job.status, Job.result, UpstreamCall.usage_estimated)
+                .join(UpstreamCall, UpstreamCall.job_id == Job.id)
+                .where(Job.id.in_(job_ids))
+            ).all()
+    finally:
+        monkeypatch.delenv("CHATJOBS_MODELS_FILE")
+        get_settings.cache_clear()
+        model_entries.cache_clear()
+    assert len(done) == 4
+    for model, status, result, estimated in done:
+        assert status == JobStatus.succeeded
+        content = result["choices"][0]["message"]["content"]
+        # The native answer carried no usage: counted by chatjobs and marked so.
+        assert (content, estimated) == (
+            ("from workers ai", True) if model == "llama" else ("from azure", False)
+        )
+    assert sorted(set(runtime.urls)) == [
+        "https://api.cloudflare.com/client/v4/accounts/acc-mixed/ai/run/@cf/meta/llama-3.1-8b-instruct",
+        "https://res.openai.azure.com/openai/deployments/gpt41/chat/completions?api-version=2024-10-21",
+    ]
