@@ -212,6 +212,11 @@ class JobError(BaseModel):
     status_code: int | None = None
     code: str | None = None
     request_id: str | None = None
+    detail: dict[str, Any] | None = Field(
+        None,
+        description="what the provider said beyond a message, e.g. Azure's content filter "
+        "result (innererror_code, content_filter_result)",
+    )
 
     @classmethod
     def from_stored(cls, value: Any) -> JobError | None:
@@ -231,6 +236,7 @@ class JobError(BaseModel):
             status_code=status,
             code=_optional_text(value.get("code")),
             request_id=_optional_text(value.get("request_id")),
+            detail=value["detail"] if isinstance(value.get("detail"), dict) else None,
         )
 
 

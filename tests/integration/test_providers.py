@@ -257,3 +257,59 @@ def test_jobs_of_one_models_file_route_to_two_providers_by_model(
         "https://api.cloudflare.com/client/v4/accounts/acc-mixed/ai/run/@cf/meta/llama-3.1-8b-instruct",
         "https://res.openai.azure.com/openai/deployments/gpt41/chat/completions?api-version=2024-10-21",
     ]
+
+
+class Filtered:
+    """A runtime whose Azure deployment refuses every prompt with its content filter."""
+
+    worker_id = "test:filtered"
+    limiter = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def call(self, claim: jobs.Claim, route: Route) -> Completion:
+        recorded = json.loads(
+            (
+                Path(__file__).parent.parent / "fixtures/providers/azure_content_filter.json"
+            ).read_text()
+        )
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            self.calls += 1
+            return httpx.Response(recorded["status"], json=recorded["body"])
+
+        async def run() -> Completion:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+                return await chat_completion(
+                    claim.request, model=claim.model, client=client, route=route
+                )
+
+        return asyncio.run(run())
+
+
+def test_an_azure_content_filter_fails_the_job_at_once_keeping_the_filter_result(
+    tenant: uuid.UUID, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(MIXED)
+    monkeypatch.setenv("CHATJOBS_MODELS_FILE", str(models))
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+    try:
+        job_id = _submit_model(tenant, "gpt-azure")
+        c = claim(job_id)
+        assert c is not None and c.max_attempts > 1
+        runtime = Filtered()
+        assert execute._call(runtime, c, route_for(c.model)) == "failed"  # type: ignore[arg-type]
+        with session_scope() as session:
+            error = session.scalars(select(Job.error).where(Job.id == job_id)).one()
+    finally:
+        monkeypatch.delenv("CHATJOBS_MODELS_FILE")
+        get_settings.cache_clear()
+        model_entries.cache_clear()
+    assert runtime.calls == 1
+    assert error is not None
+    assert (error["status_code"], error["code"]) == (400, "content_filter")
+    assert error["detail"]["innererror_code"] == "ResponsibleAIPolicyViolation"
+    assert error["detail"]["content_filter_result"]["hate"]["filtered"] is True

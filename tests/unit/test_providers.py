@@ -358,6 +358,10 @@ def test_azure_content_filter_is_terminal_and_its_result_is_kept_on_the_job() ->
         "filtered": True,
         "severity": "medium",
     }
+    from chatjobs.schemas import JobError
+
+    shown = JobError.from_stored(record)
+    assert shown is not None and shown.detail == record["detail"]  # GET /v1/jobs/{id} shows it
 
 
 # --- the models file -------------------------------------------------------------------
