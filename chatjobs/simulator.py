@@ -1,5 +1,8 @@
 """An OpenAI-compatible chat-completions upstream simulator for tests, benchmarks and `make run`.
 
+Besides OpenAI's path it serves Workers AI's, AI Gateway's and Azure OpenAI's, each in that
+provider's shape (chatjobs.simulator_providers); the path decides the shape.
+
 Everything is in-process asyncio state: one `Simulator` per app holds the live config, the rate
 limiter, the counters and the call log, so a benchmark can hold thousands of sleeping requests
 without threads. Behaviour is deterministic: the same request body gives the same content and

@@ -53,16 +53,26 @@ ROUTES = (
     ("/openai/deployments/{deployment}/chat/completions", SHAPE_AZURE),
 )
 
-# Workers AI error codes -> (HTTP status, message); cloudflare-docs workers-ai/platform/errors.mdx
-# as summarised in the research notes (section 6.3).
+# Workers AI error codes -> (HTTP status, message), from cloudflare-docs
+# src/content/docs/workers-ai/platform/errors.mdx; 3040's message is the one reject-if-busy.mdx
+# quotes (errors.mdx says "No more data centers to forward the request to").
 CF_ERRORS: dict[int, tuple[int, str]] = {
     3040: (429, "Capacity temporarily exceeded, please try again."),
-    3036: (429, "You have used up your daily free allocation of 10,000 neurons."),
-    5007: (400, "No such model"),
-    3042: (404, "Invalid model name"),
+    3036: (
+        429,
+        "You have used up your daily free allocation of 10,000 neurons. Please upgrade to "
+        "Cloudflare's Workers Paid plan if you would like to continue usage.",
+    ),
+    5007: (400, "No such model or task"),
+    3042: (404, "The model name is invalid"),
     3007: (408, "Request timeout"),
-    3008: (408, "Request aborted"),
+    3008: (408, "Request was aborted"),
     3006: (413, "Request is too large"),
+    3003: (400, "Request is missing headers or body"),
+    3023: (403, "Service unavailable for account"),
+    5016: (403, "User has not agreed to the model terms"),
+    5018: (403, "The account is not allowed to access this model"),
+    # Assumed: errors.mdx lists no code for an internal error.
     3043: (500, "Internal server error"),
 }
 # The code a non-forced error gets in Cloudflare's envelope (limiter 429s, bad requests...).
@@ -240,7 +250,9 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:12]
 
 
-def describe_request(shape: str, path: str, headers: Headers, query: Mapping[str, str]) -> dict:
+def describe_request(
+    shape: str, path: str, headers: Headers, query: Mapping[str, str]
+) -> dict[str, Any]:
     """What the call log keeps about a provider request; secrets only as presence and a hash."""
     seen: dict[str, Any] = {
         "path": path,
@@ -253,7 +265,7 @@ def describe_request(shape: str, path: str, headers: Headers, query: Mapping[str
         seen["api_key_sha256"] = _digest(headers["api-key"])
     if shape == SHAPE_AZURE:
         seen["api_version"] = query.get("api-version")
-    cf = {}
+    cf: dict[str, Any] = {}
     for name, value in headers.items():
         if not name.startswith("cf-aig-"):
             continue
