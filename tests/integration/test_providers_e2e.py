@@ -170,6 +170,35 @@ def test_cloudflare_error_codes_are_classified(
         assert [c["status"] for c in provider_calls(sim, marker)] == [status]
 
 
+def test_azure_content_filter_and_a_native_answer_without_usage(
+    api: httpx.Client, sim: httpx.Client
+) -> None:
+    marker = uuid.uuid4().hex
+    messages = [{"role": "user", "content": f"filtered {marker}"}]
+    filtered = submit(
+        api, "az-model", {"messages": messages, "x_test": marker, "x_sim": {"content_filter": True}}
+    )
+    done = wait_job(api, filtered, timeout=60)
+    assert done["status"] == "failed", done
+    assert (done["error"]["status_code"], done["error"]["code"]) == (400, "content_filter")
+    assert done["error"]["detail"]["innererror_code"] == "ResponsibleAIPolicyViolation"
+    assert [c["status"] for c in provider_calls(sim, marker)] == [400]
+
+    # No usage in the native answer: chatjobs counts the tokens itself and says so.
+    marker = uuid.uuid4().hex
+    request = {"messages": messages, "x_test": marker, "x_sim": {"omit_usage": True}}
+    done = wait_job(api, submit(api, "native-model", request), timeout=60)
+    assert done["status"] == "succeeded", done
+    expected = direct(sim, NATIVE, request)
+    assert (
+        done["result"]["choices"][0]["message"]["content"]
+        == (expected["choices"][0]["message"]["content"])
+    )
+    assert done["usage"]["completion_tokens"] > 0
+    rows = api.get("/v1/usage").json()["data"]
+    assert sum(r.get("estimated_requests", 0) for r in rows) == 1
+
+
 def test_a_gateway_cache_hit_is_marked_refunded_and_reported_apart(
     api: httpx.Client, sim: httpx.Client, models_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
