@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     tenants_list = tenants_sub.add_parser("list", help="tenants, their keys and limits")
     tenants_list.set_defaults(func=_tenants_list)
 
-    simulate = sub.add_parser("simulate", help="run the OpenAI-compatible upstream simulator")
+    simulate = sub.add_parser(
+        "simulate", help="run the upstream simulator (OpenAI, Workers AI, AI Gateway, Azure shapes)"
+    )
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=8100)
     from chatjobs import simulator

@@ -159,6 +159,7 @@ class UpstreamError(ChatJobsError):
         code: str | None = None,
         request_id: str | None = None,
         retry_after: float | None = None,
+        detail: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -166,6 +167,8 @@ class UpstreamError(ChatJobsError):
         self.code = code
         self.request_id = request_id
         self.retry_after = retry_after
+        # What the provider said beyond a message, kept on the job (Azure's filter result).
+        self.detail = detail
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments do not survive the default pickling of exceptions.
@@ -208,16 +211,22 @@ _TYPE_NAMES: dict[type[UpstreamError], str] = {
 }
 
 _RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# Codes that decide whatever the status: waiting will not refill an empty account (OpenAI's
+# insufficient_quota, Workers AI's 3036 daily allocation) nor pass a content filter.
+_TERMINAL_CODES = frozenset({"insufficient_quota", "3036", "content_filter"})
+# Workers AI: out of capacity (3040), timed out or aborted (3007, 3008).
+_RETRYABLE_CODES = frozenset({"3040", "3007", "3008"})
 
 
 def is_retryable(err: UpstreamError) -> bool:
     """The one retry decision: transient causes are retried, everything else fails at once."""
     if isinstance(err, UpstreamConnectionError | UpstreamTimeout | UpstreamMalformedResponse):
         return True
+    if err.code in _TERMINAL_CODES:
+        return False
+    if err.code in _RETRYABLE_CODES:
+        return True
     status = err.status_code
     if status is None:
         return False
-    if status == 429:
-        # An empty account will not refill by waiting.
-        return err.code != "insufficient_quota"
     return status in _RETRYABLE_STATUSES or status >= 500

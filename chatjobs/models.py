@@ -197,6 +197,8 @@ class Job(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", _json)
     webhook_url: Mapped[str | None] = mapped_column(Text)
     long_context: Mapped[dict[str, Any] | None] = mapped_column(_json)
+    # AI Gateway cache options (cache_ttl, skip_cache, cache_key); sent only through a gateway.
+    gateway: Mapped[dict[str, Any] | None] = mapped_column(_json)
     progress: Mapped[dict[str, Any] | None] = mapped_column(_json)
 
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -281,6 +283,10 @@ class UpstreamCall(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     total_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Answered from an AI Gateway cache: the tokens above were returned, not billed.
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # The provider reported no usage: the tokens above were counted by chatjobs.
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     request_id: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())

@@ -13,6 +13,17 @@ Read from a TOML models file (``CHATJOBS_MODELS_FILE``) with environment default
     input_per_mtok = 2.0               # USD per million prompt tokens, for GET /v1/usage
     output_per_mtok = 8.0              # and per million completion tokens (both or neither)
 
+A route may name another provider (see chatjobs.providers and the README's "Providers")::
+
+    [models."llama"]
+    provider = "workers-ai"            # openai (default) | workers-ai | ai-gateway | azure
+    upstream_model = "@cf/meta/llama-3.1-8b-instruct"   # default: the job's model
+    account_id = "acc123"
+    mode = "native"                    # workers-ai: openai (default) | native
+    api_key_env = "CF_API_TOKEN"
+
+For those providers ``base_url`` replaces only the scheme and host of the provider's URL.
+
 A model the file does not list is served by ``CHATJOBS_UPSTREAM_BASE_URL`` with
 ``CHATJOBS_UPSTREAM_API_KEY`` under ``CHATJOBS_UPSTREAM_RPM`` / ``_TPM`` /
 ``_MAX_CONCURRENCY``; a ``[models."*"]`` table changes those defaults.
@@ -26,7 +37,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -38,6 +49,20 @@ from chatjobs.tokens import ModelSpec, lookup_model
 
 class ModelsFileError(ConfigurationError):
     """The models file is missing, not TOML, or has a field that breaks its rules."""
+
+
+Provider = Literal["openai", "workers-ai", "ai-gateway", "azure"]
+# One URL path segment: an account, gateway or deployment name.
+_SEGMENT = r"^[A-Za-z0-9_.-]{1,200}$"
+# What each provider needs besides a key, checked when the route is built.
+_REQUIRED: dict[str, tuple[str, ...]] = {
+    "workers-ai": ("account_id",),
+    "ai-gateway": ("account_id", "gateway_id"),
+    "azure": ("endpoint", "deployment"),
+}
+# Workers AI's documented default for text generation (platform/limits.mdx): per account.
+WORKERS_AI_RPM = 300
+AZURE_API_VERSION = "2024-10-21"
 
 
 class ModelEntry(BaseModel):
@@ -55,6 +80,18 @@ class ModelEntry(BaseModel):
     encoding: str | None = None
     input_per_mtok: float | None = Field(None, ge=0, allow_inf_nan=False)
     output_per_mtok: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # Which provider's wire shape, and what it needs (chatjobs.providers).
+    provider: Provider | None = None
+    upstream_model: str | None = Field(None, min_length=1, max_length=200)
+    account_id: str | None = Field(None, pattern=_SEGMENT)
+    mode: Literal["openai", "native"] | None = None
+    gateway_id: str | None = Field(None, pattern=_SEGMENT)
+    gateway_provider: Literal["workers-ai", "openai"] | None = None
+    gateway_token_env: str | None = None
+    gateway_max_attempts: int | None = Field(None, ge=1, le=5)
+    endpoint: str | None = Field(None, pattern=r"^https?://")
+    deployment: str | None = Field(None, pattern=_SEGMENT)
+    api_version: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,40}$")
 
     @model_validator(mode="after")
     def _both_prices(self) -> ModelEntry:
@@ -72,11 +109,36 @@ class Route:
     base_url: str
     api_key_env: str | None
     limits: Limits
+    provider: str = "openai"
+    # The name the provider knows the model by; None: the job's model.
+    upstream_model: str | None = None
+    account_id: str | None = None
+    mode: str = "openai"
+    gateway_id: str | None = None
+    gateway_provider: str = "workers-ai"
+    gateway_token_env: str | None = None
+    gateway_max_attempts: int = 1
+    endpoint: str | None = None
+    deployment: str | None = None
+    api_version: str = AZURE_API_VERSION
 
     @property
     def limit_key(self) -> str:
-        # Providers limit per model and per account; the base URL stands for the account.
+        # Providers limit per model and per account; the base URL stands for the account,
+        # except where the account is named: Workers AI limits a task type per account (all
+        # its text models share one budget), Azure a deployment, a gateway its own traffic.
+        if self.provider == "workers-ai":
+            return f"workers-ai:{self.base_url}/{self.account_id}"
+        if self.provider == "ai-gateway":
+            where = f"{self.base_url}/{self.account_id}/{self.gateway_id}/{self.gateway_provider}"
+            return f"ai-gateway:{where}#{self.upstream_model or self.model}"
+        if self.provider == "azure":
+            return f"azure:{self.endpoint}/{self.deployment}"
         return f"{self.base_url}#{self.model}"
+
+    def gateway_token(self) -> str:
+        """The AI Gateway's own token (cf-aig-authorization), read at call time."""
+        return os.environ.get(self.gateway_token_env, "") if self.gateway_token_env else ""
 
     def api_key(self, settings: Settings | None = None) -> str:
         """The key, read from the environment at call time; never stored or logged."""
@@ -106,6 +168,12 @@ def load_models_file(path: Path) -> dict[str, ModelEntry]:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             raise ModelsFileError(f"{path}: models.{name}.{field}: {first['msg']}") from exc
+    fallback = entries.get("*") or ModelEntry()
+    for name, entry in entries.items():
+        provider = entry.provider or fallback.provider or "openai"
+        for field in _REQUIRED.get(provider, ()):
+            if getattr(entry, field) is None and getattr(fallback, field) is None:
+                raise ModelsFileError(f"{path}: models.{name}: provider {provider} needs {field}")
     return entries
 
 
@@ -158,17 +226,46 @@ def _build_route(model: str, settings: Settings, entries: dict[str, ModelEntry])
                 return value
         return default
 
+    provider = pick("provider", "openai")
+    missing = [name for name in _REQUIRED.get(provider, ()) if pick(name, None) is None]
+    if missing:
+        raise ModelsFileError(f"models.{model}: provider {provider} needs {', '.join(missing)}")
+    if provider == "openai":
+        base_url = pick("base_url", settings.upstream_base_url)
+    else:
+        # The ``*`` table's base URL is an OpenAI base (with its /v1): it applies to another
+        # provider only if that table names the same provider.
+        own = [s for s in (entry, fallback) if (s.provider or "openai") == provider]
+        base_url = next((s.base_url for s in own if s.base_url), _DEFAULT_HOSTS.get(provider, ""))
+    rpm_default = WORKERS_AI_RPM if provider == "workers-ai" else settings.upstream_rpm
     return Route(
         model=model,
-        base_url=pick("base_url", settings.upstream_base_url).rstrip("/"),
+        base_url=base_url.rstrip("/"),
         api_key_env=pick("api_key_env", None),
         limits=Limits(
-            rpm=pick("rpm", settings.upstream_rpm),
+            rpm=pick("rpm", rpm_default),
             tpm=pick("tpm", settings.upstream_tpm),
             max_concurrency=pick("max_concurrency", settings.upstream_max_concurrency),
             headroom=settings.limiter_headroom,
         ),
+        provider=provider,
+        upstream_model=pick("upstream_model", None),
+        account_id=pick("account_id", None),
+        mode=pick("mode", "openai"),
+        gateway_id=pick("gateway_id", None),
+        gateway_provider=pick("gateway_provider", "workers-ai"),
+        gateway_token_env=pick("gateway_token_env", None),
+        gateway_max_attempts=pick("gateway_max_attempts", 1),
+        endpoint=(pick("endpoint", None) or "").rstrip("/") or None,
+        deployment=pick("deployment", None),
+        api_version=pick("api_version", AZURE_API_VERSION),
     )
+
+
+_DEFAULT_HOSTS = {
+    "workers-ai": "https://api.cloudflare.com",
+    "ai-gateway": "https://gateway.ai.cloudflare.com",
+}
 
 
 def model_spec(model: str) -> ModelSpec:

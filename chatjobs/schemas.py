@@ -126,6 +126,20 @@ class LongContext(BaseModel):
     reduce_prompt: Annotated[str, Field(max_length=4000)] | None = None
 
 
+class GatewayOptions(BaseModel):
+    """Cloudflare AI Gateway cache options for the job's calls (sent only when its model's
+    route goes through a gateway; ignored otherwise)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The gateway's documented range: at least 60 seconds, at most one month.
+    cache_ttl: Annotated[int, Field(ge=60, le=2_592_000, strict=True)] | None = None
+    skip_cache: Annotated[bool, Field(strict=True)] | None = None
+    cache_key: (
+        Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")] | None
+    ) = None
+
+
 class JobCreate(BaseModel):
     """The body of POST /v1/jobs.
 
@@ -140,6 +154,7 @@ class JobCreate(BaseModel):
     webhook_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = None
     metadata: dict[str, Any] | None = None
     long_context: LongContext | None = None
+    gateway: GatewayOptions | None = None
     priority: Annotated[int, Field(ge=-100, le=100, strict=True)] = 0
     deadline: Annotated[
         datetime | None,
@@ -197,6 +212,11 @@ class JobError(BaseModel):
     status_code: int | None = None
     code: str | None = None
     request_id: str | None = None
+    detail: dict[str, Any] | None = Field(
+        None,
+        description="what the provider said beyond a message, e.g. Azure's content filter "
+        "result (innererror_code, content_filter_result)",
+    )
 
     @classmethod
     def from_stored(cls, value: Any) -> JobError | None:
@@ -216,6 +236,7 @@ class JobError(BaseModel):
             status_code=status,
             code=_optional_text(value.get("code")),
             request_id=_optional_text(value.get("request_id")),
+            detail=value["detail"] if isinstance(value.get("detail"), dict) else None,
         )
 
 

@@ -61,14 +61,19 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 
 def configured_secrets() -> list[str]:
     """Every upstream key this deployment is configured with: CHATJOBS_UPSTREAM_API_KEY and
-    each variable a models-file route names in ``api_key_env``."""
+    each variable a models-file route names in ``api_key_env`` or ``gateway_token_env``."""
     from chatjobs.errors import ConfigurationError
     from chatjobs.routing import model_entries
     from chatjobs.settings import get_settings
 
     found = [get_settings().upstream_api_key.get_secret_value()]
     try:
-        names = {entry.api_key_env for entry in model_entries().values() if entry.api_key_env}
+        names = {
+            name
+            for entry in model_entries().values()
+            for name in (entry.api_key_env, entry.gateway_token_env)
+            if name
+        }
     except ConfigurationError:
         # A broken models file is reported where it is read; the patterns still apply here.
         logging.getLogger(__name__).debug("models file unreadable while scrubbing", exc_info=True)

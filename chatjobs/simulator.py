@@ -1,5 +1,8 @@
 """An OpenAI-compatible chat-completions upstream simulator for tests, benchmarks and `make run`.
 
+Besides OpenAI's path it serves Workers AI's, AI Gateway's and Azure OpenAI's, each in that
+provider's shape (chatjobs.simulator_providers); the path decides the shape.
+
 Everything is in-process asyncio state: one `Simulator` per app holds the live config, the rate
 limiter, the counters and the call log, so a benchmark can hold thousands of sleeping requests
 without threads. Behaviour is deterministic: the same request body gives the same content and
@@ -35,6 +38,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from chatjobs import logs
+from chatjobs import simulator_providers as prov
 from chatjobs.tokens import count_messages, count_text, lookup_model
 
 __all__ = [
@@ -94,6 +98,11 @@ class SimConfig:
     api_key: str | None = None
     stream_chunk_delay: float = 0.0
     seed: int = 0
+    provider: str = "all"
+    gateway_cache: bool = False
+    gateway_default_attempts: int = 5
+    gateway_token: str | None = None
+    native_usage: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -109,11 +118,14 @@ class SimConfig:
 _SECONDS_FIELDS = frozenset({"latency", "jitter", "hang_seconds", "stream_chunk_delay"})
 _RATE_FIELDS = frozenset({"error_rate", "timeout_rate", "malformed_rate"})
 _LIMIT_FIELDS = frozenset({"rpm", "tpm", "context_window"})
+_BOOL_FIELDS = frozenset({"gateway_cache", "native_usage"})
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SimConfig))
 # Spellings of "no limit" accepted from the environment and the command line.
 _UNLIMITED = frozenset({"", "none", "null", "off", "unlimited"})
 # How the RPM/TPM limits are enforced (see _RateLimiter).
 LIMIT_WINDOWS = ("minute", "second", "sliding")
+# --provider: restrict the simulator to one provider's paths.
+PROVIDER_CHOICES = (prov.ALL, *prov.PROVIDERS)
 
 
 def _coerce_field(name: str, value: object) -> Any:
@@ -147,7 +159,20 @@ def _coerce_field(name: str, value: object) -> Any:
             if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
                 raise ValueError(f"{name}: {status!r} is not an HTTP error status (400-599)")
         return statuses
-    if name == "api_key":
+    if name == "provider":
+        if value not in PROVIDER_CHOICES:
+            expected = ", ".join(repr(p) for p in PROVIDER_CHOICES)
+            raise ValueError(f"{name}: expected one of {expected}, got {value!r}")
+        return value
+    if name in _BOOL_FIELDS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected a boolean, got {value!r}")
+        return value
+    if name == "gateway_default_attempts":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+            raise ValueError(f"{name}: expected an integer between 1 and 5, got {value!r}")
+        return value
+    if name in ("api_key", "gateway_token"):
         if value is None or value == "":
             return None
         if not isinstance(value, str):
@@ -168,15 +193,23 @@ def _parse_text(name: str, raw: str) -> object:
             return float(text)
         if name in _LIMIT_FIELDS:
             return None if text.lower() in _UNLIMITED else int(text)
-        if name == "seed":
+        if name in ("seed", "gateway_default_attempts"):
             return int(text)
+        if name in _BOOL_FIELDS:
+            if text.lower() not in _BOOL_TEXT:
+                raise ValueError(name)
+            return _BOOL_TEXT[text.lower()]
         if name == "error_statuses":
             return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ValueError(f"{name}: cannot parse {raw!r}") from None
-    if name == "limit_window":
+    if name in ("limit_window", "provider"):
         return text.lower()
     return raw
+
+
+_BOOL_TEXT = {"1": True, "true": True, "yes": True, "on": True}
+_BOOL_TEXT.update({"0": False, "false": False, "no": False, "off": False})
 
 
 def config_from_env(environ: Mapping[str, str] | None = None) -> SimConfig:
@@ -223,6 +256,11 @@ _ARG_HELP = {
     "api_key": "require 'Authorization: Bearer API_KEY'",
     "stream_chunk_delay": "seconds between streamed chunks",
     "seed": "seed of content and fault randomness",
+    "provider": "serve only this provider's paths (others 404); 'all' serves every shape",
+    "gateway_cache": "AI Gateway caches every request, as if cf-aig-cache-ttl were sent",
+    "gateway_default_attempts": "attempts the AI Gateway makes when cf-aig-max-attempts is absent",
+    "gateway_token": "AI Gateway is authenticated: require 'cf-aig-authorization: Bearer TOKEN'",
+    "native_usage": "Workers AI native answers carry result.usage (false: omit it)",
 }
 
 
@@ -241,6 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, server_options: bool = Fal
         }
         if name == "limit_window":
             kwargs["choices"] = LIMIT_WINDOWS
+        if name == "provider":
+            kwargs["choices"] = PROVIDER_CHOICES
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -660,6 +700,12 @@ def _parse_xsim(value: object) -> dict[str, Any]:
     hang = value.get("hang")
     if hang is not None and not isinstance(hang, bool | int | float):
         raise _BadRequest("Invalid 'x_sim.hang': expected a boolean or seconds.", "x_sim")
+    cf_code = value.get("cf_code")
+    if cf_code is not None and (isinstance(cf_code, bool) or not isinstance(cf_code, int)):
+        raise _BadRequest("Invalid 'x_sim.cf_code': expected an integer.", "x_sim")
+    for key in ("content_filter", "omit_usage"):
+        if value.get(key) is not None and not isinstance(value.get(key), bool):
+            raise _BadRequest(f"Invalid 'x_sim.{key}': expected a boolean.", "x_sim")
     return value
 
 
@@ -831,10 +877,22 @@ class _Stats:
 class _Call:
     """What the handler learns about one request, for the stats and the call log."""
 
-    __slots__ = ("body", "completion_tokens", "malformed", "prompt_tokens", "request_id", "xsim")
+    __slots__ = (
+        "body",
+        "completion_tokens",
+        "malformed",
+        "prompt_tokens",
+        "request_id",
+        "seen",
+        "shape",
+        "xsim",
+    )
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, shape: str = prov.SHAPE_OPENAI) -> None:
         self.request_id = request_id
+        self.shape = shape
+        # What a provider path received (path, headers, cache status...), for the call log.
+        self.seen: dict[str, Any] = {}
         # A dict even for a request whose client left before its body was read, so call-log
         # consumers can always do `body.get(...)`.
         self.body: dict[str, Any] = {}
@@ -847,11 +905,19 @@ class _Call:
 class _CompletionsEndpoint:
     # A class instance, not a function, so Starlette's Route treats it as a raw ASGI app and
     # the in-flight accounting can span the whole response, streaming included.
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Simulator, shape: str = prov.SHAPE_OPENAI) -> None:
         self.sim = sim
+        self.shape = shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.sim.handle_completion(scope, receive, send)
+        allowed = self.sim.config.provider
+        if allowed not in (prov.ALL, prov.SHAPE_PROVIDER[self.shape]):
+            path = scope.get("path", "")
+            message = f"Invalid URL (POST {path}): this simulator serves only {allowed!r}."
+            response = _error_response(404, message, "invalid_request_error")
+            await response(scope, receive, send)
+            return
+        await self.sim.handle_completion(scope, receive, send, self.shape)
 
 
 class Simulator:
@@ -865,6 +931,8 @@ class Simulator:
         self.calls: deque[dict[str, Any]] = deque(maxlen=CALLS_MAXLEN)
         self.limiter = _RateLimiter()
         self.fail_counts: dict[str, int] = {}
+        # The simulated AI Gateway's cache: key -> stored answer.
+        self.gateway_cache: dict[str, prov.CachedAnswer] = {}
         self._reseed()
 
     def _reseed(self) -> None:
@@ -882,6 +950,7 @@ class Simulator:
         self.calls.clear()
         self.limiter = _RateLimiter()
         self.fail_counts.clear()
+        self.gateway_cache.clear()
         self._reseed()
 
     def update_config(self, changes: Mapping[str, Any]) -> SimConfig:
@@ -905,10 +974,12 @@ class Simulator:
         recent.sort(key=lambda call: call["t"])
         return recent
 
-    async def handle_completion(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """ASGI handler of POST /v1/chat/completions."""
+    async def handle_completion(
+        self, scope: Scope, receive: Receive, send: Send, shape: str = prov.SHAPE_OPENAI
+    ) -> None:
+        """ASGI handler of POST /v1/chat/completions and the provider paths (`shape`)."""
         arrival = time.time()
-        call = _Call(_request_id())
+        call = _Call(_request_id(), shape)
         stats = self.stats
         stats.requests += 1
         stats.in_flight += 1
@@ -938,14 +1009,14 @@ class Simulator:
             self.stats.in_flight = max(0, self.stats.in_flight - 1)
             if self.stats is stats:
                 self._account(status, call)
-                self.calls.append(
-                    {
-                        "t": arrival,
-                        "status": status,
-                        "body": call.body,
-                        "request_id": call.request_id,
-                    }
-                )
+                entry = {
+                    "t": arrival,
+                    "status": status,
+                    "body": call.body,
+                    "request_id": call.request_id,
+                }
+                entry.update(call.seen)
+                self.calls.append(entry)
 
     @staticmethod
     def _xsim_retry_headers(response: Response, xsim: Mapping[str, Any]) -> None:
@@ -972,7 +1043,6 @@ class Simulator:
             stats.client_errors += 1
 
     async def _complete(self, scope: Scope, receive: Receive, call: _Call) -> Response | None:
-        cfg = self.config
         request = Request(scope, receive)
         try:
             raw = await request.body()
@@ -987,11 +1057,145 @@ class Simulator:
             parse_failed = False
         # Always a dict, so call-log consumers can do `body.get(...)` without type checks.
         call.body = body if isinstance(body, dict) else {"_raw": raw.decode("utf-8", "replace")}
+        if call.shape == prov.SHAPE_OPENAI:
+            return await self._attempt(request, receive, raw, body, parse_failed, call)
+        return await self._provider_complete(request, receive, raw, body, parse_failed, call)
 
-        if cfg.api_key is not None:
+    async def _provider_complete(
+        self,
+        request: Request,
+        receive: Receive,
+        raw: bytes,
+        body: object,
+        parse_failed: bool,
+        call: _Call,
+    ) -> Response | None:
+        """A provider path: its auth and query checks, the gateway, Cloudflare's error shape."""
+        call.seen = prov.describe_request(
+            call.shape, request.url.path, request.headers, request.query_params
+        )
+        denied = self._provider_denied(request, call.shape)
+        if denied is not None:
+            return denied
+        if call.shape in prov.GATEWAY_SHAPES:
+            response = await self._gateway(request, receive, raw, body, parse_failed, call)
+        else:
+            response = await self._attempt(request, receive, raw, body, parse_failed, call)
+        if response is None or response.status_code < 400:
+            return response
+        if call.shape in prov.CF_ERROR_SHAPES and not isinstance(response, StreamingResponse):
+            headers = {
+                k: v
+                for k, v in response.headers.items()
+                if k not in ("content-length", "content-type")
+            }
+            cf_body = prov.to_cf_error(
+                response.status_code, bytes(response.body), call.xsim.get("cf_code")
+            )
+            return _json_response(cf_body, response.status_code, headers)
+        return response
+
+    def _provider_denied(self, request: Request, shape: str) -> Response | None:
+        """401/404 for a provider request missing its key, token or api-version."""
+        cfg = self.config
+        headers = request.headers
+        token_given = headers.get("cf-aig-authorization", "").strip()
+        if (
+            shape in prov.GATEWAY_SHAPES
+            and cfg.gateway_token is not None
+            and token_given != f"Bearer {cfg.gateway_token}"
+        ):
+            body = prov.cf_error_body(prov.GATEWAY_AUTH_CODE, "Unauthorized")
+            return _json_response(body, 401)
+        if shape in prov.CF_ERROR_SHAPES:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            token = token.strip()
+            if (
+                scheme.lower() != "bearer"
+                or not token
+                or (cfg.api_key is not None and token != cfg.api_key)
+            ):
+                body = prov.cf_error_body(prov.CF_AUTH_CODE, "Authentication error")
+                return _json_response(body, 401)
+        if shape == prov.SHAPE_AZURE:
+            if not request.query_params.get("api-version"):
+                return _json_response(prov.azure_error("404", "Resource not found"), 404)
+            key = headers.get("api-key")
+            if not key or (cfg.api_key is not None and key != cfg.api_key):
+                return _json_response(prov.azure_error("401", prov.AZURE_ACCESS_DENIED), 401)
+        return None
+
+    async def _gateway(
+        self,
+        request: Request,
+        receive: Receive,
+        raw: bytes,
+        body: object,
+        parse_failed: bool,
+        call: _Call,
+    ) -> Response | None:
+        """AI Gateway in front of an attempt: its cache, and its own retries of a failed one."""
+        cfg = self.config
+        opts = prov.gateway_options(request.headers)
+        use_cache = not opts.skip_cache and (
+            opts.cache_ttl is not None or bool(opts.cache_key) or cfg.gateway_cache
+        )
+        key = prov.cache_key(request.url.path, opts.cache_key, raw) if use_cache else None
+        call.seen["cache_status"] = "MISS" if use_cache else "SKIP"
+        stored = self.gateway_cache.get(key) if key else None
+        if stored is not None and stored.expires > self.clock():
+            # Answered from the cache: the upstream sees nothing, so no limits and no tokens.
+            call.seen.update(cache_status="HIT", gateway_attempts=0, cached=True)
+            headers = {"cf-aig-cache-status": "HIT", "x-sim-gateway-attempts": "0"}
+            return Response(stored.body, 200, headers, media_type=stored.media_type)
+        allowed = opts.max_attempts or cfg.gateway_default_attempts
+        attempts = 0
+        while True:
+            attempts += 1
+            response = await self._attempt(request, receive, raw, body, parse_failed, call)
+            if (
+                response is None
+                or attempts >= allowed
+                or not prov.gateway_retryable(response.status_code)
+            ):
+                break
+        call.seen["gateway_attempts"] = attempts
+        if response is None:
+            return None
+        response.headers["x-sim-gateway-attempts"] = str(attempts)
+        response.headers["cf-aig-cache-status"] = "MISS"
+        cacheable = response.status_code == 200 and not call.malformed
+        if key and cacheable and not isinstance(response, StreamingResponse):
+            ttl = opts.cache_ttl if opts.cache_ttl is not None else prov.GATEWAY_DEFAULT_TTL
+            self.gateway_cache[key] = prov.CachedAnswer(
+                expires=self.clock() + ttl,
+                body=bytes(response.body),
+                media_type=response.media_type or "application/json",
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens,
+            )
+        return response
+
+    async def _attempt(
+        self,
+        request: Request,
+        receive: Receive,
+        raw: bytes,
+        body: object,
+        parse_failed: bool,
+        call: _Call,
+    ) -> Response | None:
+        """One upstream attempt at an already-read request body."""
+        cfg = self.config
+        if cfg.api_key is not None and call.shape in (prov.SHAPE_OPENAI, prov.SHAPE_GW_OPENAI):
             denied = self._check_auth(request.headers.get("authorization"), cfg.api_key)
             if denied is not None:
                 return denied
+        if isinstance(body, dict):
+            # The path names the model on the native and Azure paths; the body's is ignored.
+            path_model = request.path_params.get("model") or request.path_params.get("deployment")
+            if path_model:
+                body = {**body, "model": path_model}
         if parse_failed:
             return _invalid(
                 "We could not parse the JSON body of your request. (HINT: This likely means you "
@@ -1061,6 +1265,8 @@ class Simulator:
 
         if forced is not None:
             return _json_response(_status_error(forced, xsim), forced, limit_headers)
+        if xsim.get("content_filter") and call.shape == prov.SHAPE_AZURE:
+            return _json_response(prov.azure_content_filter(), 400, limit_headers)
         if malformed:
             call.malformed = True
             return Response(MALFORMED_BODY, 200, limit_headers, media_type="application/json")
@@ -1100,6 +1306,8 @@ class Simulator:
 
     def _forced_status(self, xsim: Mapping[str, Any], digest: bytes) -> int | None:
         status = xsim.get("status")
+        if xsim.get("cf_code") is not None:
+            status = prov.cf_status(int(xsim["cf_code"]))
         if "fail_times" in xsim and xsim["fail_times"] is not None:
             key = str(xsim.get("key") or digest.hex())
             seen = self.fail_counts.get(key, 0)
@@ -1174,6 +1382,8 @@ class Simulator:
             "total_tokens": prompt_tokens + total_completion,
         }
         call.prompt_tokens, call.completion_tokens = prompt_tokens, total_completion
+        if call.shape == prov.SHAPE_CF_NATIVE:
+            return self._native_answer(req, content, tool_call, usage, limit_headers)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         headers = dict(limit_headers)
@@ -1205,6 +1415,27 @@ class Simulator:
             "usage": usage,
         }
         return Response(_dumps(data), 200, headers, media_type="application/json")
+
+    def _native_answer(
+        self,
+        req: _ChatRequest,
+        content: str | None,
+        tool_call: dict[str, Any] | None,
+        usage: dict[str, int],
+        limit_headers: Mapping[str, str],
+    ) -> Response:
+        """Workers AI's native envelope or stream (one choice; usage unless turned off)."""
+        shown = None if not self.config.native_usage or req.xsim.get("omit_usage") else usage
+        headers = dict(limit_headers)
+        if not req.stream:
+            body = prov.native_body(content, tool_call, shown)
+            return Response(_dumps(body), 200, headers, media_type="application/json")
+        chunks = prov.native_stream(_split_pieces(content or ""), tool_call, shown)
+        headers["cache-control"] = "no-cache"
+        delay = self.config.stream_chunk_delay
+        if delay <= 0:
+            return Response(b"".join(chunks), 200, headers, media_type="text/event-stream")
+        return _PacedStream(chunks, delay, headers)
 
 
 def _split_pieces(text: str, per_piece: int = 3) -> list[str]:
@@ -1350,6 +1581,10 @@ def create_app(
             Route("/_sim/calls", calls, methods=["GET"]),
             Route("/_sim/reset", reset, methods=["POST"]),
             Route("/_sim/config", config_endpoint, methods=["GET", "POST"]),
+            *(
+                Route(path, _CompletionsEndpoint(sim, shape), methods=["POST"])
+                for path, shape in prov.ROUTES
+            ),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )

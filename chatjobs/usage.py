@@ -3,8 +3,16 @@ and/or UTC day, priced from the models file where it has prices.
 
 One grouped query over ``upstream_calls`` (every call, retries included, whatever its
 outcome) joined to ``jobs`` for the tenant. A failure is a call without a 2xx answer: an
-error status, or none at all (timeout, connection error). The output is bounded: at most
-``MAX_ROWS`` groups, else ``UsageQueryError`` asks for a narrower range.
+error status, or none at all (timeout, connection error).
+
+Token columns count what the upstream returned, for every call. A call an AI Gateway answered
+from its cache returned usage but was not billed by the provider: those calls are also
+counted apart (``cached_requests``, ``cached_tokens``), ``billed_tokens`` is the total
+without them, and the cost is priced on billed tokens only. ``estimated_requests`` counts
+calls whose usage chatjobs counted itself because the provider reported none.
+
+The output is bounded: at most ``MAX_ROWS`` groups, else ``UsageQueryError`` asks for a
+narrower range.
 """
 
 from __future__ import annotations
@@ -52,6 +60,13 @@ class UsageRow:
     completion_tokens: int
     total_tokens: int
     cost_usd: float | None
+    cached_requests: int = 0
+    cached_tokens: int = 0
+    estimated_requests: int = 0
+
+    @property
+    def billed_tokens(self) -> int:
+        return self.total_tokens - self.cached_tokens
 
 
 def parse_group_by(text: str) -> tuple[str, ...]:
@@ -122,6 +137,11 @@ def usage(
             func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(c.total_tokens), 0).label("total_tokens"),
+            func.count().filter(c.cached).label("cached_requests"),
+            _cached_sum(c.prompt_tokens, "cached_prompt_tokens"),
+            _cached_sum(c.completion_tokens, "cached_completion_tokens"),
+            _cached_sum(c.total_tokens, "cached_tokens"),
+            func.count().filter(c.usage_estimated).label("estimated_requests"),
         )
         # ix_upstream_calls_tenant_id_created_at: bounded by the range, not the tenant's jobs.
         .where(and_(c.tenant_id == tenant_id, c.created_at >= start, c.created_at < end))
@@ -138,6 +158,8 @@ def usage(
     for row in rows:
         model = row["model"] if "model" in group_by else None
         prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
+        billed_prompt = prompt - int(row["cached_prompt_tokens"])
+        billed_completion = completion - int(row["cached_completion_tokens"])
         out.append(
             UsageRow(
                 model=model,
@@ -147,10 +169,19 @@ def usage(
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 total_tokens=int(row["total_tokens"]),
-                cost_usd=cost(model, prompt, completion) if model is not None else None,
+                cost_usd=(
+                    cost(model, billed_prompt, billed_completion) if model is not None else None
+                ),
+                cached_requests=int(row["cached_requests"]),
+                cached_tokens=int(row["cached_tokens"]),
+                estimated_requests=int(row["estimated_requests"]),
             )
         )
     return out
+
+
+def _cached_sum(column: Any, name: str) -> Label[Any]:
+    return func.coalesce(func.sum(column).filter(UpstreamCall.cached), 0).label(name)
 
 
 def tenant_id(*, session: Session, name: str) -> uuid.UUID:

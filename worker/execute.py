@@ -266,6 +266,9 @@ def _call(
         if completion is not None:
             usage = jobs.clean_usage(completion.usage) or {}
             actual = usage.get("total_tokens", reserved)
+            if completion.cached:
+                # A gateway cache answered: the provider counted no tokens against the limit.
+                actual = 0
             _advisory(
                 "limiter correction",
                 lambda: runtime.limiter.correct(
@@ -326,7 +329,12 @@ def _count_call(
 
 def token_counts(completion: Completion) -> dict[str, int]:
     """Prompt and completion tokens, and the cached and reasoning tokens among them where the
-    upstream reports them (OpenAI's usage details); an odd shape counts as none."""
+    upstream reports them (OpenAI's usage details); an odd shape counts as none.
+
+    A call a gateway answered from its cache cost the provider nothing: its tokens count as
+    ``gateway_cached`` only, never as prompt or completion tokens."""
+    if completion.cached:
+        return {"gateway_cached": completion.usage.get("total_tokens", 0)}
     usage = completion.body.get("usage")
     usage = usage if isinstance(usage, dict) else {}
     counts = {
@@ -360,6 +368,8 @@ def _record_outcome(
             usage=completion.usage,
             request_id=completion.request_id,
             error=None,
+            cached=completion.cached,
+            usage_estimated=completion.usage_estimated,
         )
     else:
         call = jobs.Call(

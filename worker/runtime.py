@@ -26,6 +26,7 @@ from chatjobs import events, jobs
 from chatjobs.db import session_scope
 from chatjobs.errors import LeaseLost
 from chatjobs.limiter import RateLimiter
+from chatjobs.providers import CallContext
 from chatjobs.routing import Route
 from chatjobs.settings import get_settings
 from chatjobs.upstream import Completion, build_client, chat_completion
@@ -93,6 +94,8 @@ class Runtime:
                 base_url=route.base_url,
                 api_key=route.api_key(),
                 on_delta=on_delta,
+                route=route,
+                context=call_context(claim),
             )
         )
         with self._lock:
@@ -131,6 +134,25 @@ class Runtime:
         for client in self.clients:
             self.submit(client.aclose()).result(timeout=5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def call_context(claim: jobs.Claim) -> CallContext:
+    """What a provider may be told about the call: ids for its logs, the job's cache options,
+    and the time to first byte it may take.
+
+    That time is the client's read timeout, the bound chatjobs already puts on waiting for
+    the first byte: a gateway told the same gives up when chatjobs would, and answers with an
+    error the retry rule can classify instead of a cut connection. The job's deadline is
+    enforced by its lease and the reconciler, not per call."""
+    return CallContext(
+        job_id=str(claim.job_id),
+        batch_id=claim.batch_id,
+        schedule_id=claim.schedule_id,
+        tenant=str(claim.tenant_id) if claim.tenant_id else None,
+        attempt=claim.attempt,
+        gateway=claim.gateway or {},
+        timeout_seconds=get_settings().upstream_read_timeout,
+    )
 
 
 _pool_slots: int | None = None

@@ -41,10 +41,21 @@ class UsageRead(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_requests: int = Field(
+        0, description="calls an AI Gateway answered from its cache (counted in requests too)"
+    )
+    cached_tokens: int = Field(
+        0, description="total tokens of the cached calls: returned, not billed by the provider"
+    )
+    billed_tokens: int = Field(0, description="total_tokens without cached_tokens")
+    estimated_requests: int = Field(
+        0, description="calls whose usage chatjobs counted itself (the provider reported none)"
+    )
     cost_usd: float | None = Field(
         None,
         description="rows grouped by model: from the models file's input_per_mtok and "
-        "output_per_mtok, null where the model has no prices",
+        "output_per_mtok, on billed tokens only (cached calls cost nothing), null where the "
+        "model has no prices",
     )
 
     @classmethod
@@ -55,6 +66,10 @@ class UsageRead(BaseModel):
             "prompt_tokens": row.prompt_tokens,
             "completion_tokens": row.completion_tokens,
             "total_tokens": row.total_tokens,
+            "cached_requests": row.cached_requests,
+            "cached_tokens": row.cached_tokens,
+            "billed_tokens": row.billed_tokens,
+            "estimated_requests": row.estimated_requests,
         }
         if "model" in group_by:
             fields |= {"model": row.model, "cost_usd": row.cost_usd}

@@ -48,6 +48,8 @@ class Claim:
     tenant_id: uuid.UUID | None = None
     batch_id: str | None = None
     schedule_id: str | None = None
+    # The job's AI Gateway cache options (chatjobs.schemas.GatewayOptions), if any.
+    gateway: dict[str, Any] | None = None
     # Seconds since the job was submitted, when it was claimed (time.monotonic()).
     age_seconds: float = 0.0
     claimed_at: float = 0.0
@@ -97,6 +99,7 @@ _CLAIM = prepare(
         Job.max_attempts,
         Job.prompt_token_estimate,
         Job.needs_plan,
+        Job.gateway,
     ),
 )
 
@@ -121,6 +124,7 @@ def claim_job(*, session: Session, job_id: uuid.UUID, worker: str) -> Claim | No
         tenant_id=row.tenant_id,
         batch_id=row.batch_id,
         schedule_id=row.schedule_id,
+        gateway=row.gateway,
         age_seconds=float(row.age_seconds),
         claimed_at=time.monotonic(),
     )
@@ -280,6 +284,10 @@ class Call:
     usage: dict[str, int] | None
     request_id: str | None
     error: str | None
+    # Answered from a gateway cache (the usage was returned, not billed).
+    cached: bool = False
+    # The usage was counted by chatjobs, not reported by the provider.
+    usage_estimated: bool = False
 
 
 @dataclass(frozen=True)
@@ -332,6 +340,8 @@ def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, int] | No
                 "total_tokens": usage.get("total_tokens"),
                 "request_id": None if call.request_id is None else storable(call.request_id)[:200],
                 "error": storable(call.error),
+                "cached": call.cached,
+                "usage_estimated": call.usage_estimated,
             },
         )
         .one_or_none()
@@ -351,14 +361,19 @@ def _add_usage(session: Session, job_id: uuid.UUID, tokens: dict[str, int]) -> N
 
 
 def error_record(error: UpstreamError) -> dict[str, Any]:
-    """The job's error field: type, message, upstream status; never headers or keys."""
-    return {
+    """The job's error field: type, message, upstream status, and what the provider said
+    beyond a message (Azure's content filter result); never headers or keys."""
+    record: dict[str, Any] = {
         "type": error.type,
         "message": storable(error.message),
         "status_code": error.status_code,
         "code": None if error.code is None else str(error.code),
         "request_id": None if error.request_id is None else storable(error.request_id)[:200],
     }
+    detail = getattr(error, "detail", None)  # an error pickled before the field existed
+    if detail:
+        record["detail"] = storable(detail)
+    return record
 
 
 _STEP = (Job.step_kind, Job.step_level, Job.step_index)

@@ -133,6 +133,7 @@ def create_job(
         "metadata_": body.metadata,
         "webhook_url": body.webhook_url,
         "long_context": {**options, **((plan.record if plan else None) or {})} or None,
+        "gateway": body.gateway.model_dump(exclude_none=True) or None if body.gateway else None,
         "needs_plan": plan is None,
         "progress": steps.progress(len(plan.map_requests), 0, None) if plan and chunked else None,
         "prompt_token_estimate": plan.prompt_tokens if plan else None,

@@ -144,8 +144,15 @@ def test_usage_by_day_or_nothing_has_no_model_or_cost(http: Any) -> None:
     total = http.get("/v1/usage", params={**RANGE, "group_by": ""}).json()["data"]
     assert [sums(r) for r in total] == [(5, 2, 130, 65, 195)]
     assert set(total[0]) == {"requests", "failures", "prompt_tokens", "completion_tokens"} | {
-        "total_tokens"
+        "total_tokens",
+        "cached_requests",
+        "cached_tokens",
+        "billed_tokens",
+        "estimated_requests",
     }
+    # No call here came from a gateway cache or had its usage estimated.
+    assert total[0]["billed_tokens"] == total[0]["total_tokens"]
+    assert total[0]["cached_requests"] == total[0]["estimated_requests"] == 0
 
 
 def test_usage_never_shows_another_tenants_calls(http: Any, names: dict[str, str]) -> None:
