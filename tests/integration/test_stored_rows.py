@@ -168,6 +168,7 @@ def test_the_numeric_error_code_reads_as_its_text(
         "status_code": None,
         "code": "123",
         "request_id": None,
+        "detail": None,
     }
 
 
