@@ -1,0 +1,1 @@
+"""Offloading eligible jobs to a provider's own batch API (docs/design-offload.md)."""
