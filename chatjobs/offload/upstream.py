@@ -93,9 +93,7 @@ class BatchUpstream(Protocol):
         ``find`` it again instead of creating a second one."""
         ...
 
-    def find(
-        self, client: httpx.Client, route: Route, *, ref: str, since: datetime
-    ) -> str | None:
+    def find(self, client: httpx.Client, route: Route, *, ref: str, since: datetime) -> str | None:
         """The id of the upstream batch created with ``ref`` (none older than ``since``
         needs looking at), or None if there is none."""
         ...
@@ -104,9 +102,7 @@ class BatchUpstream(Protocol):
         """The upstream batch's current state."""
         ...
 
-    def results(
-        self, client: httpx.Client, route: Route, batch: UpstreamBatch
-    ) -> Iterator[Result]:
+    def results(self, client: httpx.Client, route: Route, batch: UpstreamBatch) -> Iterator[Result]:
         """Every item's outcome of an ended batch, streamed (never the whole file in
         memory); items the upstream left out are not yielded (the caller treats the jobs it
         sent and got nothing for as unfinished)."""
