@@ -217,4 +217,3 @@ class OpenAIBatch:
             # Ended already (OpenAI and chatjobs answer 409 or 400): nothing to cancel.
             if exc.status_code not in (400, 409):
                 raise
-
