@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -107,6 +107,9 @@ class ModelEntry(BaseModel):
     offload_min_deadline: int | None = Field(None, ge=1)
     offload_enqueued_tokens: int | None = Field(None, ge=1)
     offload_discount: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    # Where the batch API is, when not at base_url with api_key_env's key (a proxy, a test).
+    offload_base_url: str | None = Field(None, pattern=r"^https?://")
+    offload_api_key_env: str | None = None
 
     @field_validator("offload")
     @classmethod
@@ -152,6 +155,19 @@ class Route:
     offload_enqueued_tokens: int | None = None
     # The batch price as a share off the synchronous one (OpenAI, Anthropic: 50 %).
     offload_discount: float = OFFLOAD_DISCOUNT
+    offload_base_url: str | None = None
+    offload_api_key_env: str | None = None
+
+    def batch_route(self) -> Route:
+        """This route as its batch API is reached: ``offload_base_url`` and
+        ``offload_api_key_env`` in place of ``base_url`` and ``api_key_env`` when set."""
+        if self.offload_base_url is None and self.offload_api_key_env is None:
+            return self
+        return replace(
+            self,
+            base_url=self.offload_base_url or self.base_url,
+            api_key_env=self.offload_api_key_env or self.api_key_env,
+        )
 
     @property
     def limit_key(self) -> str:
@@ -297,6 +313,8 @@ def _build_route(model: str, settings: Settings, entries: dict[str, ModelEntry])
         offload_min_deadline=pick("offload_min_deadline", OFFLOAD_MIN_DEADLINE),
         offload_enqueued_tokens=pick("offload_enqueued_tokens", None),
         offload_discount=pick("offload_discount", OFFLOAD_DISCOUNT),
+        offload_base_url=(entry.offload_base_url or "").rstrip("/") or None,
+        offload_api_key_env=entry.offload_api_key_env,
     )
 
 

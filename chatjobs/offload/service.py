@@ -144,7 +144,7 @@ def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
         row = session.get(UpstreamBatch, row_id)
         if row is None or row.status != "building":
             return None
-        route = route_for(row.model)
+        route = route_for(row.model).batch_route()
         since = row.created_at
         requests = session.execute(
             select(Job.id, func.coalesce(Job.upstream_request, Job.request).label("request"))
@@ -290,7 +290,7 @@ def poll(row_id: uuid.UUID, client: httpx.Client, retry_delay: RetryDelay) -> in
         if row is None or row.status != "submitted" or row.upstream_batch_id is None:
             return 0
         route, upstream_id, cancel_requested = (
-            route_for(row.model),
+            route_for(row.model).batch_route(),
             row.upstream_batch_id,
             row.cancel_requested,
         )
