@@ -1,0 +1,158 @@
+"""Offloading to a provider's batch API (chatjobs.offload), with a second chatjobs stack as
+the upstream: its /v1/files and /v1/batches are OpenAI's shape, run by its own worker against
+the simulator. Both stacks share the session's database (each on a queue of its own)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chatjobs.testing import Proc, python_cli
+from tests.conftest import MiniStack, new_key
+from tests.integration.test_reliability import sql, wait_until
+
+MODEL = "offload-model"
+FAST = {
+    "CHATJOBS_OFFLOAD_GATHER_SECONDS": "0.5",
+    "CHATJOBS_OFFLOAD_POLL_SECONDS": "0.5",
+    "CHATJOBS_OFFLOAD_POLL_MAX_SECONDS": "1",
+}
+
+
+def models_file(path: Path, simulator: str, upstream: str, **extra: Any) -> Path:
+    lines = [
+        f'[models."{MODEL}"]',
+        'upstream_model = "gpt-4.1"',
+        f'base_url = "{simulator}"',
+        'offload = "openai-batch"',
+        f'offload_base_url = "{upstream}/v1"',
+        'offload_api_key_env = "OFFLOAD_UPSTREAM_KEY"',
+        "input_per_mtok = 2.0",
+        "output_per_mtok = 8.0",
+        *(f"{key} = {value}" for key, value in extra.items()),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def deadline(hours: float) -> str:
+    return (datetime.now(UTC) + timedelta(hours=hours)).isoformat()
+
+
+def submit(client: httpx.Client, marker: str, hours: float, **x_sim: Any) -> str:
+    request: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"offload {marker}"}],
+        "max_tokens": 16,
+    }
+    if x_sim:
+        request["x_sim"] = {**x_sim, "key": f"{marker}-{uuid.uuid4().hex[:8]}"}
+    answer = client.post("/v1/jobs", json={"request": request, "deadline": deadline(hours)})
+    assert answer.status_code in (200, 201, 202), answer.text
+    return str(answer.json()["id"])
+
+
+def start_beat(stack: MiniStack) -> None:
+    beat = Proc(
+        "beat",
+        python_cli("beat", "--loglevel", "INFO"),
+        stack.env,
+        stack.run_dir / f"{stack.queue}-beat-late.log",
+    ).start()
+    stack.procs.append(beat)
+
+
+def statuses(ids: list[str]) -> dict[str, int]:
+    rows = sql(
+        "SELECT status, count(*) FROM jobs WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY status",
+        ids=ids,
+    )
+    return {row[0]: row[1] for row in rows}
+
+
+def rows_for(ids: list[str]) -> list[Any]:
+    return sql(
+        "SELECT DISTINCT b.* FROM upstream_batches b JOIN jobs j ON j.upstream_batch_id = b.id"
+        " WHERE j.id = ANY(CAST(:ids AS uuid[]))",
+        ids=ids,
+    )
+
+
+@pytest.fixture
+def offload_pair(
+    make_stack: Callable[..., MiniStack], simulator: str, tmp_path: Path
+) -> Iterator[Callable[..., tuple[MiniStack, MiniStack, str]]]:
+    """``pair(upstream_env=..., beat=False, **route)``: the upstream stack, the offloading
+    stack (whose route offloads to the first) and the upstream account's key."""
+
+    def pair(
+        upstream_env: dict[str, str] | None = None,
+        beat: bool = False,
+        workers: list[list[str]] | None = None,
+        **route: Any,
+    ) -> tuple[MiniStack, MiniStack, str]:
+        upstream = make_stack(env=upstream_env or {})
+        key = new_key(f"upstream-{uuid.uuid4().hex[:6]}")
+        path = models_file(tmp_path / "models.toml", simulator, upstream.url, **route)
+        offloader = make_stack(
+            env={"CHATJOBS_MODELS_FILE": str(path), "OFFLOAD_UPSTREAM_KEY": key, **FAST},
+            beat=beat,
+            workers=workers,
+        )
+        return upstream, offloader, key
+
+    yield pair
+
+
+def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    count = 200
+    upstream, offloader, upstream_key = offload_pair()
+    with offloader.client(new_key()) as client:
+        long = [submit(client, f"long-{i}", 48) for i in range(count)]
+        short = [submit(client, f"short-{i}", 1) for i in range(10)]
+        # No beat yet: the worker's dispatcher runs the short ones and leaves the long ones.
+        wait_until(lambda: statuses(short) == {"succeeded": 10}, 60, "the 1 h jobs run here")
+        assert statuses(long) == {"queued": count}
+        start_beat(offloader)
+        wait_until(lambda: statuses(long) == {"succeeded": count}, 180, "the offloaded jobs")
+    batches = rows_for(long)
+    assert len(batches) == 1
+    (row,) = batches
+    assert row.items == count and row.status == "ended" and row.upstream_status == "completed"
+    # The upstream's batch is the chatjobs batch it created, with our ref in its metadata.
+    with upstream.client(upstream_key) as up:
+        seen = up.get(f"/v1/batches/{row.upstream_batch_id}").json()
+    assert seen["metadata"] == {"chatjobs_ref": str(row.id)}
+    assert seen["request_counts"]["completed"] == count
+    # Each job holds the upstream's result and usage, its call marked offloaded.
+    mine = sql(
+        "SELECT j.id, j.result, j.total_tokens, c.total_tokens AS call_tokens, c.offloaded,"
+        " j.upstream_batch_id FROM jobs j JOIN upstream_calls c ON c.job_id = j.id"
+        " WHERE j.id = ANY(CAST(:ids AS uuid[]))",
+        ids=long,
+    )
+    assert len(mine) == count
+    assert all(r.offloaded and r.upstream_batch_id == row.id for r in mine)
+    assert all(r.result["usage"]["total_tokens"] == r.total_tokens == r.call_tokens for r in mine)
+    theirs = sql(
+        "SELECT coalesce(sum(total_tokens), 0) FROM jobs WHERE batch_id = :b",
+        b=row.upstream_batch_id,
+    )[0][0]
+    assert sum(r.total_tokens for r in mine) == theirs > 0
+    # The short ones ran synchronously: not offloaded.
+    here = sql(
+        "SELECT j.upstream_batch_id, c.offloaded FROM jobs j JOIN upstream_calls c"
+        " ON c.job_id = j.id WHERE j.id = ANY(CAST(:ids AS uuid[]))",
+        ids=short,
+    )
+    assert len(here) == 10 and not any(r.offloaded or r.upstream_batch_id for r in here)
