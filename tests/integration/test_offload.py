@@ -156,3 +156,135 @@ def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
         ids=short,
     )
     assert len(here) == 10 and not any(r.offloaded or r.upstream_batch_id for r in here)
+
+
+def test_failed_lines_are_retried_in_the_next_upstream_batch(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    # The upstream makes one attempt per line: a 500 comes back as an error-file line.
+    _, offloader, _ = offload_pair(upstream_env={"CHATJOBS_MAX_ATTEMPTS": "1"}, beat=True)
+    with offloader.client(new_key()) as client:
+        flaky = [submit(client, f"flaky-{i}", 48, status=500, fail_times=1) for i in range(5)]
+        bad = submit(client, "bad", 48, status=400)
+        fine = [submit(client, f"fine-{i}", 48) for i in range(5)]
+        everyone = [*flaky, bad, *fine]
+        wait_until(lambda: statuses(everyone) == {"succeeded": 10, "failed": 1}, 120, "all ended")
+    assert statuses(flaky) == {"succeeded": 5}
+    calls = sql(
+        "SELECT j.id, j.attempts, array_agg(c.status_code ORDER BY c.claim_seq) AS codes,"
+        " bool_and(c.offloaded) AS offloaded, count(DISTINCT b.id) AS batches"
+        " FROM jobs j JOIN upstream_calls c ON c.job_id = j.id"
+        " LEFT JOIN upstream_batches b ON b.id = j.upstream_batch_id"
+        " WHERE j.id = ANY(CAST(:ids AS uuid[])) GROUP BY j.id, j.attempts",
+        ids=flaky,
+    )
+    # Retried by the ordinary policy: a second attempt, offloaded again (deadline allows).
+    assert all(r.attempts == 2 and r.codes == [500, 200] and r.offloaded for r in calls)
+    failed = sql("SELECT error FROM jobs WHERE id = :id", id=bad)[0][0]
+    assert failed["status_code"] == 400 and failed["type"] == "upstream_status_error"
+
+
+def test_cancelling_every_item_cancels_the_upstream_batch(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    upstream, offloader, upstream_key = offload_pair(beat=True)
+    with offloader.client(new_key()) as client:
+        ids = [submit(client, f"slow-{i}", 48, latency=20) for i in range(4)]
+        wait_until(lambda: statuses(ids) == {"running": 4}, 30, "offloaded")
+        wait_until(
+            lambda: [r.status for r in rows_for(ids)] == ["submitted"], 30, "submitted upstream"
+        )
+        for job_id in ids:
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    (row,) = rows_for(ids)
+    with upstream.client(upstream_key) as up:
+
+        def cancelled() -> bool:
+            status = up.get(f"/v1/batches/{row.upstream_batch_id}").json()["status"]
+            return status in ("cancelling", "cancelled")
+
+        wait_until(cancelled, 30, "the upstream batch cancelled")
+    wait_until(lambda: rows_for(ids)[0].status == "ended", 60, "the row ended")
+    assert statuses(ids) == {"cancelled": 4}
+
+
+def test_a_crash_between_create_and_record_finds_the_batch_and_never_creates_two(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chatjobs.offload import service
+    from chatjobs.routing import model_entries, route_for
+    from chatjobs.settings import get_settings
+
+    upstream, offloader, upstream_key = offload_pair(workers=[])
+    with offloader.client(new_key()) as client:
+        ids = [submit(client, f"crash-{i}", 48) for i in range(3)]
+    # This process plays the offloader's beat, with its settings.
+    for name in ("CHATJOBS_MODELS_FILE", "OFFLOAD_UPSTREAM_KEY", "CHATJOBS_QUEUE_NAME"):
+        monkeypatch.setenv(name, offloader.env[name])
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+
+    def crash() -> None:
+        raise RuntimeError("killed between create and record")
+
+    try:
+        gathered = service.gather(route_for(MODEL))
+        assert gathered is not None and gathered.items == 3
+        monkeypatch.setattr(service, "fault_after_create", crash)
+        with pytest.raises(RuntimeError):
+            service.submit(gathered.row_id)
+        monkeypatch.setattr(service, "fault_after_create", None)
+        (row,) = rows_for(ids)
+        assert row.status == "building" and row.upstream_batch_id is None
+        # The lease of the crashed pass runs out; the next submit pass takes the row.
+        sql(
+            "UPDATE upstream_batches SET lease_expires_at = now() WHERE id = :id RETURNING id",
+            id=row.id,
+        )
+        time.sleep(0.05)
+        assert service.submit_pass() == 1
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        model_entries.cache_clear()
+    (row,) = rows_for(ids)
+    with upstream.client(upstream_key) as up:
+        listed = up.get("/v1/batches", params={"limit": 100}).json()["data"]
+    ours = [b for b in listed if (b.get("metadata") or {}).get("chatjobs_ref") == str(row.id)]
+    assert len(ours) == 1
+    assert row.status == "submitted" and row.upstream_batch_id == ours[0]["id"]
+
+
+def test_the_enqueued_token_limit_is_never_exceeded(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    limit = 120
+    _, offloader, _ = offload_pair(beat=True, offload_enqueued_tokens=limit)
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            held = sql(
+                "SELECT coalesce(sum(enqueued_tokens), 0) FROM upstream_batches"
+                " WHERE model = :m AND status IN ('building', 'submitted')",
+                m=MODEL,
+            )[0][0]
+            seen.append(int(held))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with offloader.client(new_key()) as client:
+            ids = [submit(client, f"budget-{i}", 48) for i in range(12)]
+            wait_until(lambda: statuses(ids) == {"succeeded": 12}, 180, "all done in turns")
+    finally:
+        stop.set()
+        watcher.join()
+    rows = rows_for(ids)
+    costs = sql("SELECT cost FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))", ids=ids)
+    assert len(rows) >= -(-sum(c.cost for c in costs) // limit)  # several turns
+    assert all(0 < r.enqueued_tokens <= limit for r in rows)
+    assert max(seen) <= limit
