@@ -117,7 +117,8 @@ def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
 ) -> None:
     count = 200
     upstream, offloader, upstream_key = offload_pair()
-    with offloader.client(new_key()) as client:
+    tenant = new_key()
+    with offloader.client(tenant) as client:
         long = [submit(client, f"long-{i}", 48) for i in range(count)]
         short = [submit(client, f"short-{i}", 1) for i in range(10)]
         # No beat yet: the worker's dispatcher runs the short ones and leaves the long ones.
@@ -156,6 +157,17 @@ def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
         ids=short,
     )
     assert len(here) == 10 and not any(r.offloaded or r.upstream_batch_id for r in here)
+    # GET /v1/usage: the offloaded calls and tokens apart, and the saving from the prices.
+    with offloader.client(tenant) as client:
+        (usage,) = client.get("/v1/usage", params={"group_by": "model"}).json()["data"]
+    prompt = sum(r.result["usage"]["prompt_tokens"] for r in mine)
+    completion = sum(r.result["usage"]["completion_tokens"] for r in mine)
+    saving = round((prompt * 2.0 + completion * 8.0) / 1e6 * 0.5, 6)
+    assert usage["requests"] == count + 10 and usage["offloaded_requests"] == count
+    assert usage["offloaded_tokens"] == theirs
+    assert usage["offload_saving_usd"] == pytest.approx(saving)
+    full = (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 8.0) / 1e6
+    assert usage["cost_usd"] == pytest.approx(full - saving, abs=1e-5)
 
 
 def test_failed_lines_are_retried_in_the_next_upstream_batch(
