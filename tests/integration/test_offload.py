@@ -300,3 +300,56 @@ def test_the_enqueued_token_limit_is_never_exceeded(
     assert len(rows) >= -(-sum(c.cost for c in costs) // limit)  # several turns
     assert all(0 < r.enqueued_tokens <= limit for r in rows)
     assert max(seen) <= limit
+
+
+def test_items_the_upstream_let_expire_run_here_once_their_deadline_is_near(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from chatjobs.offload import batch_upstream, service
+    from chatjobs.routing import model_entries, route_for
+    from chatjobs.settings import get_settings
+    from worker.execute import retry_delay
+
+    # Eligible for 10 s after submission (deadline 3610 s away, the minimum 3600 s).
+    _, offloader, _ = offload_pair(offload_min_deadline=3600)
+    for name in ("CHATJOBS_MODELS_FILE", "OFFLOAD_UPSTREAM_KEY", "CHATJOBS_QUEUE_NAME", *FAST):
+        monkeypatch.setenv(name, offloader.env[name])
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+    # The upstream batch's window ends long before its (slow) lines can finish.
+    monkeypatch.setattr(batch_upstream("openai-batch"), "completion_window", "2s")
+    try:
+        with offloader.client(new_key()) as client:
+            ids = [
+                submit(client, f"expire-{i}", 3610 / 3600, latency=20, slow_times=1)
+                for i in range(3)
+            ]
+        gathered = service.gather(route_for(MODEL))
+        assert gathered is not None and gathered.items == 3
+        assert service.submit(gathered.row_id) is not None
+        sql(
+            "UPDATE upstream_batches SET next_poll_at = now() WHERE id = :id RETURNING id",
+            id=gathered.row_id,
+        )
+
+        def ended() -> bool:
+            service.poll_pass(retry_delay)
+            return bool(rows_for(ids)) and rows_for(ids)[0].status == "ended"
+
+        wait_until(ended, 30, "the upstream batch expired and its items handed back")
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        model_entries.cache_clear()
+    (row,) = rows_for(ids)
+    assert row.upstream_status == "expired"
+    # Handed back (the attempt given back), then run here: too near their deadline now.
+    wait_until(lambda: statuses(ids) == {"succeeded": 3}, 60, "run synchronously")
+    calls = sql(
+        "SELECT j.attempts, bool_or(c.offloaded) AS offloaded FROM jobs j"
+        " JOIN upstream_calls c ON c.job_id = j.id"
+        " WHERE j.id = ANY(CAST(:ids AS uuid[])) GROUP BY j.id, j.attempts",
+        ids=ids,
+    )
+    assert len(calls) == 3 and all(r.attempts == 1 and not r.offloaded for r in calls)
