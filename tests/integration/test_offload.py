@@ -103,7 +103,12 @@ def offload_pair(
         key = new_key(f"upstream-{uuid.uuid4().hex[:6]}")
         path = models_file(tmp_path / "models.toml", simulator, upstream.url, **route)
         offloader = make_stack(
-            env={"CHATJOBS_MODELS_FILE": str(path), "OFFLOAD_UPSTREAM_KEY": key, **FAST},
+            env={
+                "CHATJOBS_MODELS_FILE": str(path),
+                "OFFLOAD_UPSTREAM_KEY": key,
+                "CHATJOBS_TENANT_SUBMIT_RPS": "0",
+                **FAST,
+            },
             beat=beat,
             workers=workers,
         )
@@ -115,7 +120,7 @@ def offload_pair(
 def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
     offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
 ) -> None:
-    count = 200
+    count = 1000
     upstream, offloader, upstream_key = offload_pair()
     tenant = new_key()
     with offloader.client(tenant) as client:
