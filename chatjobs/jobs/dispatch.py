@@ -260,6 +260,8 @@ _RUNNING = text(
     SELECT tenant_id, count(*) AS n FROM jobs
     WHERE queue = :queue AND status = 'running' AND lease_expires_at IS NOT NULL
       AND tenant_id = ANY(CAST(:tenants AS uuid[]))
+      -- Offloaded jobs wait on a provider's batch, not on this system's slots.
+      AND (claimed_by IS NULL OR claimed_by NOT LIKE 'offload:%')
     GROUP BY tenant_id
     """
 )

@@ -97,6 +97,7 @@ def offload_pair(
         upstream_env: dict[str, str] | None = None,
         beat: bool = False,
         workers: list[list[str]] | None = None,
+        offloader_env: dict[str, str] | None = None,
         **route: Any,
     ) -> tuple[MiniStack, MiniStack, str]:
         upstream = make_stack(env=upstream_env or {})
@@ -108,6 +109,7 @@ def offload_pair(
                 "OFFLOAD_UPSTREAM_KEY": key,
                 "CHATJOBS_TENANT_SUBMIT_RPS": "0",
                 **FAST,
+                **(offloader_env or {}),
             },
             beat=beat,
             workers=workers,
@@ -204,13 +206,18 @@ def test_failed_lines_are_retried_in_the_next_upstream_batch(
 def test_cancelling_every_item_cancels_the_upstream_batch(
     offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
 ) -> None:
-    upstream, offloader, upstream_key = offload_pair(beat=True)
+    # Two jobs in flight per tenant: the offloaded ones must not hold those slots.
+    upstream, offloader, upstream_key = offload_pair(
+        beat=True, offloader_env={"CHATJOBS_TENANT_MAX_INFLIGHT": "2"}
+    )
     with offloader.client(new_key()) as client:
         ids = [submit(client, f"slow-{i}", 48, latency=20) for i in range(4)]
         wait_until(lambda: statuses(ids) == {"running": 4}, 30, "offloaded")
         wait_until(
             lambda: [r.status for r in rows_for(ids)] == ["submitted"], 30, "submitted upstream"
         )
+        here = [submit(client, f"here-{i}", 1) for i in range(3)]
+        wait_until(lambda: statuses(here) == {"succeeded": 3}, 10, "run beside the offloaded")
         for job_id in ids:
             assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
     (row,) = rows_for(ids)
