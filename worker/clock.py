@@ -107,7 +107,7 @@ def tick_schedules() -> int:
 
 def offload_gather() -> int:
     """One offload pass: gather eligible jobs into upstream batches and submit them."""
-    return offload.gather_pass()
+    return offload.gather_pass(execute.retry_delay)
 
 
 def offload_poll() -> int:

@@ -41,6 +41,10 @@ _CHUNK = 500
 fault_after_create: Callable[[], None] | None = None
 
 RetryDelay = Callable[[int, float | None], float]
+# What the upstream said of a whole batch, for each of its items: retried by the ordinary
+# backoff while attempts remain (so a batch refused again and again ends in failed jobs, not
+# in a loop), whatever is_retryable says of the status.
+_WHOLE_BATCH = frozenset({"batch_failed", "batch_refused"})
 
 _ELIGIBLE = text(
     """
@@ -229,18 +233,36 @@ def _take(where: list[Any]) -> list[uuid.UUID]:
         )
 
 
-def submit_pass(client: httpx.Client | None = None) -> int:
+def submit_pass(retry_delay: RetryDelay, client: httpx.Client | None = None) -> int:
     """Submit every ``building`` row no one holds (a crashed pass's included)."""
     done = 0
     for row_id in _take([UpstreamBatch.status == "building"]):
-        try:
-            if submit(row_id, client) is not None:
-                done += 1
-        except UpstreamError as exc:
-            # Refused or unreachable: the lease runs out and a later pass tries again
-            # (finding the batch first, should it have been created after all).
-            log.warning("offload: submitting %s failed: %s", row_id, exc.message)
+        if _submit_or_refuse(row_id, retry_delay, client):
+            done += 1
     return done
+
+
+def _submit_or_refuse(
+    row_id: uuid.UUID, retry_delay: RetryDelay, client: httpx.Client | None = None
+) -> bool:
+    """Submit a row; an upstream that refuses it for good (4xx but 408/409/429) fails the
+    row and hands its items the error, as attempts; one unreachable leaves the row for a
+    later pass, when its lease runs out (finding the batch first, should it exist)."""
+    try:
+        return submit(row_id, client) is not None
+    except UpstreamError as exc:
+        log.warning("offload: submitting %s failed: %s", row_id, exc.message)
+        if is_retryable(exc) or exc.status_code is None:
+            return False
+        refused = UpstreamError(
+            f"upstream batch refused: {exc.message}"[:2000],
+            status_code=exc.status_code,
+            code="batch_refused",
+            request_id=exc.request_id,
+        )
+    apply(row_id, iter(()), retry_delay, missing=refused)
+    _end(row_id, "failed_to_submit", refused.message)
+    return False
 
 
 def poll_pass(retry_delay: RetryDelay, client: httpx.Client | None = None) -> int:
@@ -324,14 +346,28 @@ def poll(row_id: uuid.UUID, client: httpx.Client, retry_delay: RetryDelay) -> in
     if not batch.ended:
         _next_poll(row_id)
         return 0
-    apply(row_id, upstream.results(client, route, batch), retry_delay)
+    missing = None
+    if batch.status == "failed":
+        # Refused as a whole (OpenAI: validation): no item ran.
+        missing = UpstreamError(
+            f"upstream batch failed: {batch.error or 'no reason given'}"[:2000],
+            code="batch_failed",
+        )
+    apply(row_id, upstream.results(client, route, batch), retry_delay, missing=missing)
     _end(row_id, "ended")
     return 1
 
 
-def apply(row_id: uuid.UUID, results: Any, retry_delay: RetryDelay) -> dict[str, int]:
+def apply(
+    row_id: uuid.UUID,
+    results: Any,
+    retry_delay: RetryDelay,
+    *,
+    missing: UpstreamError | None = None,
+) -> dict[str, int]:
     """Write each item's outcome, fenced on its offload claim; jobs the upstream left out
-    are handed back at the end. Returns counts by outcome."""
+    are handed back at the end, or get ``missing`` as their error. Returns counts by
+    outcome."""
     with session_scope() as session:
         claims = offloaded.offloaded_claims(session, row_id)
         started = session.scalar(select(UpstreamBatch.created_at).where(UpstreamBatch.id == row_id))
@@ -354,7 +390,8 @@ def apply(row_id: uuid.UUID, results: Any, retry_delay: RetryDelay) -> dict[str,
         if len(pending) >= _CHUNK:
             flush()
     for claim in claims.values():
-        pending.append((claim, Result(str(claim.job_id), unfinished=True)))
+        left = Result(str(claim.job_id), error=missing, unfinished=missing is None)
+        pending.append((claim, left))
         if len(pending) >= _CHUNK:
             flush()
     flush()
@@ -381,7 +418,8 @@ def _apply_one(
     if result.error is not None:
         err = result.error
         retry_in = None
-        if is_retryable(err) and claim.attempt < claim.max_attempts:
+        retryable = is_retryable(err) or err.code in _WHOLE_BATCH
+        if retryable and claim.attempt < claim.max_attempts:
             retry_in = retry_delay(claim.attempt, err.retry_after)
         call = Call(
             stream=False,
@@ -398,7 +436,7 @@ def _apply_one(
     return "handed back" if offloaded.hand_back(session, claim) else "stale"
 
 
-def gather_pass() -> int:
+def gather_pass(retry_delay: RetryDelay) -> int:
     """Gather and submit for every offload route; returns upstream batches submitted."""
     submitted = 0
     for route in offload_routes():
@@ -406,12 +444,10 @@ def gather_pass() -> int:
             gathered = gather(route)
             if gathered is None:
                 break
-            try:
-                if submit(gathered.row_id) is not None:
-                    submitted += 1
-            except UpstreamError as exc:
-                log.warning("offload: submitting %s failed: %s", gathered.row_id, exc.message)
+            if _submit_or_refuse(gathered.row_id, retry_delay):
+                submitted += 1
+            else:
                 break
             if gathered.items < batch_upstream(route.offload or "").max_items:
                 break
-    return submitted + submit_pass()
+    return submitted + submit_pass(retry_delay)

@@ -239,6 +239,7 @@ def test_a_crash_between_create_and_record_finds_the_batch_and_never_creates_two
     from chatjobs.offload import service
     from chatjobs.routing import model_entries, route_for
     from chatjobs.settings import get_settings
+    from worker.execute import retry_delay
 
     upstream, offloader, upstream_key = offload_pair(workers=[])
     with offloader.client(new_key()) as client:
@@ -267,7 +268,7 @@ def test_a_crash_between_create_and_record_finds_the_batch_and_never_creates_two
             id=row.id,
         )
         time.sleep(0.05)
-        assert service.submit_pass() == 1
+        assert service.submit_pass(retry_delay) == 1
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
@@ -365,3 +366,24 @@ def test_items_the_upstream_let_expire_run_here_once_their_deadline_is_near(
         ids=ids,
     )
     assert len(calls) == 3 and all(r.attempts == 1 and not r.offloaded for r in calls)
+
+
+def test_an_upstream_that_refuses_the_batch_fails_its_jobs_after_their_attempts(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    _, offloader, _ = offload_pair(
+        beat=True,
+        offloader_env={"OFFLOAD_UPSTREAM_KEY": "not-a-key", "CHATJOBS_MAX_ATTEMPTS": "2"},
+    )
+    with offloader.client(new_key()) as client:
+        ids = [submit(client, f"refused-{i}", 48) for i in range(3)]
+        wait_until(lambda: statuses(ids) == {"failed": 3}, 60, "failed after two attempts")
+    errors = sql("SELECT attempts, error FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))", ids=ids)
+    assert all(r.attempts == 2 and r.error["code"] == "batch_refused" for r in errors)
+    assert all(r.error["status_code"] == 401 for r in errors)
+    refused = sql(
+        "SELECT status FROM upstream_batches WHERE model = :m AND error LIKE '%refused%'"
+        " AND created_at > now() - interval '2 minutes'",
+        m=MODEL,
+    )
+    assert len(refused) >= 2 and {r.status for r in refused} == {"failed_to_submit"}
