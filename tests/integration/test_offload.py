@@ -133,6 +133,8 @@ def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
         assert statuses(long) == {"queued": count}
         start_beat(offloader)
         wait_until(lambda: statuses(long) == {"succeeded": count}, 180, "the offloaded jobs")
+    # The row ends once the last outcome is written, just after.
+    wait_until(lambda: [r.status for r in rows_for(long)] == ["ended"], 30, "the row ended")
     batches = rows_for(long)
     assert len(batches) == 1
     (row,) = batches
