@@ -389,3 +389,39 @@ def test_an_upstream_that_refuses_the_batch_fails_its_jobs_after_their_attempts(
         m=MODEL,
     )
     assert len(refused) >= 2 and {r.status for r in refused} == {"failed_to_submit"}
+
+
+def test_a_long_input_offloads_its_map_steps_and_then_its_reduce_step(
+    offload_pair: Callable[..., tuple[MiniStack, MiniStack, str]],
+) -> None:
+    from tests.integration.test_long_context import document
+
+    _, offloader, _ = offload_pair(
+        beat=True, context_window=2000, max_output_tokens=256, encoding='"o200k_base"'
+    )
+    with offloader.client(new_key()) as client:
+        request = {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": "You summarise board minutes."},
+                {"role": "user", "content": document(6000)},
+            ],
+            "max_tokens": 100,
+        }
+        job = client.post("/v1/jobs", json={"request": request, "deadline": deadline(48)})
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        assert job.json()["long_context"]["strategy"] == "map_reduce"
+        wait_until(lambda: statuses([job_id]) == {"succeeded": 1}, 120, "the long input done")
+    steps = sql(
+        "SELECT j.step_kind, j.upstream_batch_id, c.offloaded, b.created_at"
+        " FROM jobs j JOIN upstream_calls c ON c.job_id = j.id"
+        " JOIN upstream_batches b ON b.id = j.upstream_batch_id"
+        " WHERE j.parent_id = :id",
+        id=job_id,
+    )
+    maps = [s for s in steps if s.step_kind == "map"]
+    reduces = [s for s in steps if s.step_kind != "map"]
+    assert len(maps) >= 2 and reduces and all(s.offloaded for s in steps)
+    # The reduce step went in a later upstream batch than every map.
+    assert min(r.created_at for r in reduces) > max(m.created_at for m in maps)
