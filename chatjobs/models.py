@@ -182,6 +182,11 @@ class Job(Base):
             "deadline",
             postgresql_where=text("status IN ('queued', 'retrying', 'running')"),
         ),
+        Index(
+            "ix_jobs_upstream_batch_id",
+            "upstream_batch_id",
+            postgresql_where=text("upstream_batch_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
@@ -238,6 +243,10 @@ class Job(Base):
     # The worker process (host:pid) holding the lease: for operators, and for tests that
     # kill exactly that process.
     claimed_by: Mapped[str | None] = mapped_column(String(200))
+    # The provider batch this job went out in, while offloaded and after (chatjobs.offload).
+    upstream_batch_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("upstream_batches.id", ondelete="SET NULL")
+    )
 
     # Long inputs: how the prompt was counted, and the request actually sent when it differs
     # from the one submitted (truncated, or one chunk of a map-reduce).
@@ -287,9 +296,44 @@ class UpstreamCall(Base):
     cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     # The provider reported no usage: the tokens above were counted by chatjobs.
     usage_estimated: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Made through a provider's batch API (chatjobs.offload): billed at the batch discount.
+    offloaded: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     request_id: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+
+
+class UpstreamBatch(Base):
+    """A batch sent (or being sent) to a provider's own batch API (chatjobs.offload); its id
+    is the ``chatjobs_ref`` in the upstream batch's metadata."""
+
+    __tablename__ = "upstream_batches"
+    __table_args__ = (Index("ix_upstream_batches_route_status", "route", "status"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=uuid7)
+    # The route's limit key: what offload_enqueued_tokens is counted against.
+    route: Mapped[str] = mapped_column(String(600))
+    model: Mapped[str] = mapped_column(String(200))
+    provider: Mapped[str] = mapped_column(String(40))
+    # building | submitted | ended | failed_to_submit
+    status: Mapped[str] = mapped_column(String(20))
+    upstream_file_id: Mapped[str | None] = mapped_column(String(200))
+    upstream_batch_id: Mapped[str | None] = mapped_column(String(200))
+    upstream_status: Mapped[str | None] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(2000))
+    error_file_id: Mapped[str | None] = mapped_column(String(2000))
+    items: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    enqueued_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Who is building or polling it, until when.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
+    next_poll_at: Mapped[datetime | None] = mapped_column(_tz)
+    poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Every item was cancelled in chatjobs: the upstream batch is to be cancelled.
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(_tz, server_default=func.now())
+    ended_at: Mapped[datetime | None] = mapped_column(_tz)
 
 
 class StoredFile(Base):

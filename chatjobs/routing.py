@@ -34,12 +34,19 @@ from __future__ import annotations
 import math
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from chatjobs.errors import ConfigurationError
 from chatjobs.limiter import Limits
@@ -63,6 +70,8 @@ _REQUIRED: dict[str, tuple[str, ...]] = {
 # Workers AI's documented default for text generation (platform/limits.mdx): per account.
 WORKERS_AI_RPM = 300
 AZURE_API_VERSION = "2024-10-21"
+OFFLOAD_MIN_DEADLINE = 86400
+OFFLOAD_DISCOUNT = 0.5
 
 
 class ModelEntry(BaseModel):
@@ -92,6 +101,24 @@ class ModelEntry(BaseModel):
     endpoint: str | None = Field(None, pattern=r"^https?://")
     deployment: str | None = Field(None, pattern=_SEGMENT)
     api_version: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]{1,40}$")
+    # Offloading to the provider's own batch API (chatjobs.offload): which one, and the
+    # least time a job's deadline must leave for it to go there (seconds).
+    offload: str | None = None
+    offload_min_deadline: int | None = Field(None, ge=1)
+    offload_enqueued_tokens: int | None = Field(None, ge=1)
+    offload_discount: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    # Where the batch API is, when not at base_url with api_key_env's key (a proxy, a test).
+    offload_base_url: str | None = Field(None, pattern=r"^https?://")
+    offload_api_key_env: str | None = None
+
+    @field_validator("offload")
+    @classmethod
+    def _known_offload(cls, value: str | None) -> str | None:
+        from chatjobs.offload import available
+
+        if value is not None and value != "off" and value not in available():
+            raise ValueError(f"offload must be one of {sorted([*available(), 'off'])}")
+        return value
 
     @model_validator(mode="after")
     def _both_prices(self) -> ModelEntry:
@@ -121,6 +148,26 @@ class Route:
     endpoint: str | None = None
     deployment: str | None = None
     api_version: str = AZURE_API_VERSION
+    # chatjobs.offload: "openai-batch" | "anthropic-batch" | None (off).
+    offload: str | None = None
+    offload_min_deadline: int = OFFLOAD_MIN_DEADLINE
+    # The most tokens this route may have in its unfinished upstream batches (None: no limit).
+    offload_enqueued_tokens: int | None = None
+    # The batch price as a share off the synchronous one (OpenAI, Anthropic: 50 %).
+    offload_discount: float = OFFLOAD_DISCOUNT
+    offload_base_url: str | None = None
+    offload_api_key_env: str | None = None
+
+    def batch_route(self) -> Route:
+        """This route as its batch API is reached: ``offload_base_url`` and
+        ``offload_api_key_env`` in place of ``base_url`` and ``api_key_env`` when set."""
+        if self.offload_base_url is None and self.offload_api_key_env is None:
+            return self
+        return replace(
+            self,
+            base_url=self.offload_base_url or self.base_url,
+            api_key_env=self.offload_api_key_env or self.api_key_env,
+        )
 
     @property
     def limit_key(self) -> str:
@@ -169,6 +216,9 @@ def load_models_file(path: Path) -> dict[str, ModelEntry]:
             field = ".".join(str(p) for p in first["loc"])
             raise ModelsFileError(f"{path}: models.{name}.{field}: {first['msg']}") from exc
     fallback = entries.get("*") or ModelEntry()
+    if fallback.offload not in (None, "off"):
+        # The dispatcher skips offload-eligible jobs by model name: they must be listed.
+        raise ModelsFileError(f"{path}: models.*.offload: set offload in a model's own table")
     for name, entry in entries.items():
         provider = entry.provider or fallback.provider or "openai"
         for field in _REQUIRED.get(provider, ()):
@@ -259,7 +309,22 @@ def _build_route(model: str, settings: Settings, entries: dict[str, ModelEntry])
         endpoint=(pick("endpoint", None) or "").rstrip("/") or None,
         deployment=pick("deployment", None),
         api_version=pick("api_version", AZURE_API_VERSION),
+        offload=None if entry.offload in (None, "off") else entry.offload,
+        offload_min_deadline=pick("offload_min_deadline", OFFLOAD_MIN_DEADLINE),
+        offload_enqueued_tokens=pick("offload_enqueued_tokens", None),
+        offload_discount=pick("offload_discount", OFFLOAD_DISCOUNT),
+        offload_base_url=(entry.offload_base_url or "").rstrip("/") or None,
+        offload_api_key_env=entry.offload_api_key_env,
     )
+
+
+def offload_routes() -> list[Route]:
+    """The routes that offload eligible jobs (each named in its own table)."""
+    return [
+        route_for(name)
+        for name, entry in model_entries().items()
+        if name != "*" and entry.offload not in (None, "off")
+    ]
 
 
 _DEFAULT_HOSTS = {

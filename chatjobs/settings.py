@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     reconcile_interval_seconds: float = Field(5.0, gt=0)
     # How often beat's schedule ticker looks for due firings (chatjobs.schedules.service).
     schedule_tick_seconds: float = Field(1.0, gt=0)
+    # Offloading to provider batch APIs (chatjobs.offload): how often beat gathers eligible
+    # jobs, and the first and longest wait between two polls of an upstream batch.
+    offload_gather_seconds: float = Field(5.0, gt=0)
+    offload_poll_seconds: float = Field(30.0, gt=0)
+    offload_poll_max_seconds: float = Field(600.0, gt=0)
     stale_queued_seconds: float = Field(300.0, gt=0)
     worker_shutdown_seconds: float = Field(30.0, ge=0)
     max_attempts: int = Field(6, ge=1)

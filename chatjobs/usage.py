@@ -11,6 +11,11 @@ counted apart (``cached_requests``, ``cached_tokens``), ``billed_tokens`` is the
 without them, and the cost is priced on billed tokens only. ``estimated_requests`` counts
 calls whose usage chatjobs counted itself because the provider reported none.
 
+A call made through a provider's batch API (chatjobs.offload) is billed at the route's
+``offload_discount`` off the synchronous price (OpenAI and Anthropic: 50 %): those calls are
+counted apart too (``offloaded_requests``, ``offloaded_tokens``), ``cost_usd`` prices them at
+the discounted price, and ``offload_saving_usd`` is what the discount saved.
+
 The output is bounded: at most ``MAX_ROWS`` groups, else ``UsageQueryError`` asks for a
 narrower range.
 """
@@ -28,7 +33,7 @@ from sqlalchemy.sql.elements import Label
 
 from chatjobs.errors import TenantNotFound
 from chatjobs.models import Tenant, UpstreamCall
-from chatjobs.routing import model_entries
+from chatjobs.routing import OFFLOAD_DISCOUNT, model_entries
 
 GROUPS = ("model", "day")
 DEFAULT_SPAN = timedelta(days=7)
@@ -63,6 +68,9 @@ class UsageRow:
     cached_requests: int = 0
     cached_tokens: int = 0
     estimated_requests: int = 0
+    offloaded_requests: int = 0
+    offloaded_tokens: int = 0
+    offload_saving_usd: float | None = None
 
     @property
     def billed_tokens(self) -> int:
@@ -142,6 +150,10 @@ def usage(
             _cached_sum(c.completion_tokens, "cached_completion_tokens"),
             _cached_sum(c.total_tokens, "cached_tokens"),
             func.count().filter(c.usage_estimated).label("estimated_requests"),
+            func.count().filter(c.offloaded).label("offloaded_requests"),
+            _offloaded_sum(c.prompt_tokens, "offloaded_prompt_tokens"),
+            _offloaded_sum(c.completion_tokens, "offloaded_completion_tokens"),
+            _offloaded_sum(c.total_tokens, "offloaded_tokens"),
         )
         # ix_upstream_calls_tenant_id_created_at: bounded by the range, not the tenant's jobs.
         .where(and_(c.tenant_id == tenant_id, c.created_at >= start, c.created_at < end))
@@ -160,6 +172,12 @@ def usage(
         prompt, completion = int(row["prompt_tokens"]), int(row["completion_tokens"])
         billed_prompt = prompt - int(row["cached_prompt_tokens"])
         billed_completion = completion - int(row["cached_completion_tokens"])
+        saving = None
+        if model is not None:
+            saving = offload_saving(
+                model, int(row["offloaded_prompt_tokens"]), int(row["offloaded_completion_tokens"])
+            )
+        full = cost(model, billed_prompt, billed_completion) if model is not None else None
         out.append(
             UsageRow(
                 model=model,
@@ -169,15 +187,35 @@ def usage(
                 prompt_tokens=prompt,
                 completion_tokens=completion,
                 total_tokens=int(row["total_tokens"]),
-                cost_usd=(
-                    cost(model, billed_prompt, billed_completion) if model is not None else None
-                ),
+                cost_usd=None if full is None else round(full - (saving or 0.0), 6),
                 cached_requests=int(row["cached_requests"]),
                 cached_tokens=int(row["cached_tokens"]),
                 estimated_requests=int(row["estimated_requests"]),
+                offloaded_requests=int(row["offloaded_requests"]),
+                offloaded_tokens=int(row["offloaded_tokens"]),
+                offload_saving_usd=saving,
             )
         )
     return out
+
+
+def offload_saving(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """What offloading these tokens saved: the synchronous price times the route's
+    ``offload_discount``; None where the model has no prices."""
+    full = cost(model, prompt_tokens, completion_tokens)
+    if full is None:
+        return None
+    entries = model_entries()
+    discount = OFFLOAD_DISCOUNT
+    for entry in (entries.get(model), entries.get("*")):
+        if entry is not None and entry.offload_discount is not None:
+            discount = entry.offload_discount
+            break
+    return round(full * discount, 6)
+
+
+def _offloaded_sum(column: Any, name: str) -> Label[Any]:
+    return func.coalesce(func.sum(column).filter(UpstreamCall.offloaded), 0).label(name)
 
 
 def _cached_sum(column: Any, name: str) -> Label[Any]:

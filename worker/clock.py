@@ -20,6 +20,8 @@ from datetime import timedelta
 
 from chatjobs import jobs
 from chatjobs.jobs import dispatch
+from chatjobs.offload import service as offload
+from chatjobs.routing import offload_routes
 from chatjobs.schedules import plan
 from chatjobs.schedules import service as schedules
 from chatjobs.settings import get_settings
@@ -103,15 +105,31 @@ def tick_schedules() -> int:
     return schedules.tick(grace=grace)
 
 
+def offload_gather() -> int:
+    """One offload pass: gather eligible jobs into upstream batches and submit them."""
+    return offload.gather_pass(execute.retry_delay)
+
+
+def offload_poll() -> int:
+    """One offload poll pass: the submitted upstream batches that are due."""
+    return offload.poll_pass(execute.retry_delay)
+
+
 def start(stop: threading.Event | None = None) -> threading.Event:
-    """Start beat's dispatcher, reconciler and schedule ticker threads; set the returned
-    event to stop them."""
+    """Start beat's dispatcher, reconciler and schedule ticker threads, and the offload
+    gatherer and poller when a route offloads; set the returned event to stop them."""
     stop = start_dispatcher(stop)
     settings = get_settings()
-    for name, interval, work in (
+    loops: list[tuple[str, float, Callable[[], object]]] = [
         ("chatjobs-reconcile", settings.reconcile_interval_seconds, execute.reconcile),
         ("chatjobs-schedules", settings.schedule_tick_seconds, tick_schedules),
-    ):
+    ]
+    if offload_routes():
+        loops += [
+            ("chatjobs-offload-gather", settings.offload_gather_seconds, offload_gather),
+            ("chatjobs-offload-poll", min(settings.offload_poll_seconds, 5.0), offload_poll),
+        ]
+    for name, interval, work in loops:
         threading.Thread(target=_every, args=(interval, work, stop), name=name, daemon=True).start()
     jobs.poke()  # a pass at once: anything submitted while no dispatcher ran
     return stop

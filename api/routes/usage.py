@@ -51,11 +51,20 @@ class UsageRead(BaseModel):
     estimated_requests: int = Field(
         0, description="calls whose usage chatjobs counted itself (the provider reported none)"
     )
+    offloaded_requests: int = Field(
+        0, description="calls made through the provider's batch API (counted in requests too)"
+    )
+    offloaded_tokens: int = Field(0, description="total tokens of the offloaded calls")
     cost_usd: float | None = Field(
         None,
         description="rows grouped by model: from the models file's input_per_mtok and "
-        "output_per_mtok, on billed tokens only (cached calls cost nothing), null where the "
-        "model has no prices",
+        "output_per_mtok, on billed tokens only (cached calls cost nothing; offloaded calls at "
+        "the route's offload_discount off), null where the model has no prices",
+    )
+    offload_saving_usd: float | None = Field(
+        None,
+        description="rows grouped by model: what offloading saved against the synchronous "
+        "price, null where the model has no prices",
     )
 
     @classmethod
@@ -70,9 +79,15 @@ class UsageRead(BaseModel):
             "cached_tokens": row.cached_tokens,
             "billed_tokens": row.billed_tokens,
             "estimated_requests": row.estimated_requests,
+            "offloaded_requests": row.offloaded_requests,
+            "offloaded_tokens": row.offloaded_tokens,
         }
         if "model" in group_by:
-            fields |= {"model": row.model, "cost_usd": row.cost_usd}
+            fields |= {
+                "model": row.model,
+                "cost_usd": row.cost_usd,
+                "offload_saving_usd": row.offload_saving_usd,
+            }
         if "day" in group_by:
             fields["day"] = row.day
         return cls.model_validate(fields)

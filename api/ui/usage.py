@@ -102,6 +102,8 @@ class Totals:
     total_tokens: int
     cost_usd: float | None  # of the priced rows; None if none is priced
     unpriced: bool  # some row has no price
+    offloaded_tokens: int = 0
+    offload_saving_usd: float | None = None  # of the priced rows
 
 
 def totals(rows: list[usage.UsageRow]) -> Totals:
@@ -114,6 +116,10 @@ def totals(rows: list[usage.UsageRow]) -> Totals:
         total_tokens=sum(row.total_tokens for row in rows),
         cost_usd=round(sum(priced), 6) if priced else None,
         unpriced=len(priced) < len(rows),
+        offloaded_tokens=sum(row.offloaded_tokens for row in rows),
+        offload_saving_usd=round(sum(row.offload_saving_usd or 0.0 for row in rows), 6)
+        if priced
+        else None,
     )
 
 

@@ -288,6 +288,8 @@ class Call:
     cached: bool = False
     # The usage was counted by chatjobs, not reported by the provider.
     usage_estimated: bool = False
+    # Made through a provider's batch API (chatjobs.offload), billed at its discount.
+    offloaded: bool = False
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,7 @@ def _log_call(session: Session, claim: Claim, call: Call) -> dict[str, int] | No
                 "error": storable(call.error),
                 "cached": call.cached,
                 "usage_estimated": call.usage_estimated,
+                "offloaded": call.offloaded,
             },
         )
         .one_or_none()

@@ -44,7 +44,7 @@ from chatjobs.jobs import fairness
 from chatjobs.jobs._state import PENDING
 from chatjobs.models import Job
 from chatjobs.queue import enqueue_jobs, express_queue
-from chatjobs.routing import route_for
+from chatjobs.routing import offload_routes, route_for
 from chatjobs.settings import Settings, get_settings
 
 log = logging.getLogger("chatjobs.jobs")
@@ -244,6 +244,12 @@ _HEADS = text(
         AND j.status IN ('queued', 'retrying')
         AND j.next_attempt_at IS NOT NULL AND j.next_attempt_at <= now()
         AND (j.deadline IS NULL OR j.deadline > now())
+        -- Offload-eligible jobs are the offload gather's (chatjobs.offload.service).
+        AND NOT EXISTS (
+          SELECT 1 FROM unnest(CAST(:off_models AS text[]), CAST(:off_mins AS float8[]))
+            AS o(model, secs)
+          WHERE o.model = j.model AND NOT j.needs_plan
+            AND j.deadline >= now() + make_interval(secs => o.secs))
       ORDER BY j.priority DESC, j.id
       LIMIT t.size
     ) h
@@ -254,6 +260,8 @@ _RUNNING = text(
     SELECT tenant_id, count(*) AS n FROM jobs
     WHERE queue = :queue AND status = 'running' AND lease_expires_at IS NOT NULL
       AND tenant_id = ANY(CAST(:tenants AS uuid[]))
+      -- Offloaded jobs wait on a provider's batch, not on this system's slots.
+      AND (claimed_by IS NULL OR claimed_by NOT LIKE 'offload:%')
     GROUP BY tenant_id
     """
 )
@@ -355,8 +363,16 @@ def admit(*, session: Session, now: float | None = None) -> Admitted:
     sizes = {t: n for t, n in sizes.items() if n > 0}
     heads: dict[uuid.UUID, list[fairness.Candidate]] = {t: [] for t in sizes}
     if sizes:
+        offload = offload_routes()
         rows = session.execute(
-            _HEADS, {"queue": queue, "tenants": list(sizes), "sizes": list(sizes.values())}
+            _HEADS,
+            {
+                "queue": queue,
+                "tenants": list(sizes),
+                "sizes": list(sizes.values()),
+                "off_models": [route.model for route in offload],
+                "off_mins": [float(route.offload_min_deadline) for route in offload],
+            },
         ).all()
         for row in rows:
             heads[row.tenant_id].append(fairness.Candidate(*row))
