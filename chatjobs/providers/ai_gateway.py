@@ -21,14 +21,13 @@ from typing import TYPE_CHECKING, Any
 from chatjobs.errors import UpstreamStatusError
 from chatjobs.providers.base import (
     CallContext,
-    DeltaCallback,
     Headers,
     Outgoing,
     Parsed,
     bearer,
     join_url,
 )
-from chatjobs.providers.openai import StreamAssembler, openai_body, parse_completion
+from chatjobs.providers.openai import OpenAIAdapter, openai_body, parse_completion
 from chatjobs.providers.workers_ai import cloudflare_error, with_usage
 
 if TYPE_CHECKING:
@@ -63,8 +62,9 @@ def cache_hit(headers: Headers) -> bool:
     return (headers.get("cf-aig-cache-status") or "").strip().upper() == "HIT"
 
 
-class AIGatewayAdapter:
-    """AI Gateway's provider-native endpoints for ``route.gateway_provider``."""
+class AIGatewayAdapter(OpenAIAdapter):
+    """AI Gateway's provider-native endpoints for ``route.gateway_provider``: OpenAI's shapes
+    (the stream inherited), Cloudflare's errors, and the cache status on every answer."""
 
     name = "ai-gateway"
 
@@ -96,11 +96,6 @@ class AIGatewayAdapter:
 
     def parse_error(self, status: int, headers: Headers, body: bytes) -> UpstreamStatusError:
         return cloudflare_error(status, headers, body)
-
-    def stream(
-        self, *, request: dict[str, Any], route: Route, on_delta: DeltaCallback | None
-    ) -> StreamAssembler:
-        return StreamAssembler(on_delta=on_delta)
 
     def finish_stream(
         self, completion: dict[str, Any], headers: Headers, *, request: dict[str, Any], route: Route

@@ -14,13 +14,11 @@ from urllib.parse import quote
 from chatjobs.errors import UpstreamStatusError
 from chatjobs.providers.base import (
     CallContext,
-    DeltaCallback,
     Headers,
     Outgoing,
-    Parsed,
     error_payload,
 )
-from chatjobs.providers.openai import StreamAssembler, openai_body, openai_error, parse_completion
+from chatjobs.providers.openai import OpenAIAdapter, openai_body, openai_error
 
 if TYPE_CHECKING:
     from chatjobs.routing import Route
@@ -40,8 +38,9 @@ def azure_error(status: int, headers: Headers, body: bytes) -> UpstreamStatusErr
     return err
 
 
-class AzureAdapter:
-    """An Azure OpenAI deployment: the deployment names the model, so the body carries none."""
+class AzureAdapter(OpenAIAdapter):
+    """An Azure OpenAI deployment: the deployment names the model, so the body carries none;
+    answers and streams are OpenAI's (inherited)."""
 
     name = "azure"
 
@@ -63,26 +62,5 @@ class AzureAdapter:
         del body["model"]  # the deployment is the model
         return Outgoing("POST", url, headers, body)
 
-    def parse(
-        self,
-        status: int,
-        headers: Headers,
-        body: bytes,
-        *,
-        request: dict[str, Any],
-        route: Route,
-    ) -> Parsed:
-        return Parsed(parse_completion(status, headers, body))
-
     def parse_error(self, status: int, headers: Headers, body: bytes) -> UpstreamStatusError:
         return azure_error(status, headers, body)
-
-    def stream(
-        self, *, request: dict[str, Any], route: Route, on_delta: DeltaCallback | None
-    ) -> StreamAssembler:
-        return StreamAssembler(on_delta=on_delta)
-
-    def finish_stream(
-        self, completion: dict[str, Any], headers: Headers, *, request: dict[str, Any], route: Route
-    ) -> Parsed:
-        return Parsed(completion)
