@@ -148,7 +148,16 @@ class OpenAIBatch:
         )
         return Submitted(upstream_batch_id=str(created["id"]), upstream_file_id=file_id)
 
-    def find(self, client: httpx.Client, route: Route, *, ref: str, since: datetime) -> str | None:
+    def find(
+        self,
+        client: httpx.Client,
+        route: Route,
+        *,
+        ref: str,
+        since: datetime,
+        job_ids: Sequence[str],
+    ) -> str | None:
+        # Its batches carry chatjobs' ref in their metadata: job_ids are not needed.
         key = route.api_key()
         after: str | None = None
         oldest = since.timestamp()

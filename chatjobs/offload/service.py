@@ -159,7 +159,9 @@ def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
     own = client is None
     client = client or _client()
     try:
-        found = upstream.find(client, route, ref=str(row_id), since=since)
+        found = upstream.find(
+            client, route, ref=str(row_id), since=since, job_ids=[str(r.id) for r in requests]
+        )
         file_id = None
         if found is None:
             if not requests:

@@ -30,6 +30,14 @@ class Item:
 
     job_id: str
     request: dict[str, Any]
+    # The output tokens the job may use (``routing.output_budget``): what an upstream that
+    # requires a limit (Anthropic's ``max_tokens``) sends when the request sets none.
+    max_output_tokens: int | None = None
+
+
+class NotOffloadable(ValueError):
+    """``encode``: this request cannot be expressed faithfully in the upstream's batch
+    format (the message says which field and why); the job runs synchronously instead."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,8 @@ class BatchUpstream(Protocol):
 
     def encode(self, item: Item) -> bytes:
         """The item as the upstream takes it (a JSONL line, or one entry of the requests
-        array), so the caller can count bytes against ``max_bytes`` before submitting."""
+        array), so the caller can count bytes against ``max_bytes`` before submitting;
+        ``NotOffloadable`` if the upstream cannot run it as the synchronous call would."""
         ...
 
     def submit(
@@ -93,9 +102,19 @@ class BatchUpstream(Protocol):
         ``find`` it again instead of creating a second one."""
         ...
 
-    def find(self, client: httpx.Client, route: Route, *, ref: str, since: datetime) -> str | None:
-        """The id of the upstream batch created with ``ref`` (none older than ``since``
-        needs looking at), or None if there is none."""
+    def find(
+        self,
+        client: httpx.Client,
+        route: Route,
+        *,
+        ref: str,
+        since: datetime,
+        job_ids: Sequence[str],
+    ) -> str | None:
+        """The id of the upstream batch an earlier ``submit`` of ``ref`` created (none made
+        before ``since`` needs looking at; ``job_ids`` are the items it was given, in order,
+        for an upstream whose batches carry no metadata), or None if there is none. Called
+        only when an earlier submit of this row may have reached the upstream."""
         ...
 
     def poll(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> UpstreamBatch:
