@@ -247,6 +247,9 @@ class Job(Base):
     upstream_batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("upstream_batches.id", ondelete="SET NULL")
     )
+    # The route's batch upstream cannot run this request as a synchronous call would: it is
+    # never offloaded.
+    offload_refused: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
 
     # Long inputs: how the prompt was counted, and the request actually sent when it differs
     # from the one submitted (truncated, or one chunk of a map-reduce).
@@ -328,6 +331,9 @@ class UpstreamBatch(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
     next_poll_at: Mapped[datetime | None] = mapped_column(_tz)
     poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set before the first create request goes out: from then on a pass looks for the batch
+    # an earlier one may have created before creating one.
+    submit_started_at: Mapped[datetime | None] = mapped_column(_tz)
     # Every item was cancelled in chatjobs: the upstream batch is to be cancelled.
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     error: Mapped[str | None] = mapped_column(Text)

@@ -27,8 +27,8 @@ from chatjobs.jobs import offloaded
 from chatjobs.jobs.attempts import Call, Claim, record_outcome
 from chatjobs.models import Job, JobStatus, UpstreamBatch
 from chatjobs.offload import batch_upstream
-from chatjobs.offload.upstream import Item, Result
-from chatjobs.routing import Route, offload_routes, route_for
+from chatjobs.offload.upstream import Item, NotOffloadable, Result
+from chatjobs.routing import Route, model_spec, offload_routes, output_budget, route_for
 from chatjobs.settings import get_settings
 
 log = logging.getLogger("chatjobs.offload")
@@ -52,7 +52,7 @@ _ELIGIBLE = text(
     WHERE queue = :queue AND model = :model AND status IN ('queued', 'retrying')
       AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()
       AND deadline >= now() + make_interval(secs => :min_deadline)
-      AND NOT needs_plan
+      AND NOT needs_plan AND NOT offload_refused
     ORDER BY id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -106,9 +106,16 @@ def gather(route: Route) -> Gathered | None:
             },
         ).all()
         chosen: list[uuid.UUID] = []
+        refused: list[uuid.UUID] = []
         size = tokens = 0
         for row in rows:
-            line = len(upstream.encode(_item(route, row.id, row.request)))
+            try:
+                line = len(upstream.encode(_item(route, row.id, row.request)))
+            except NotOffloadable as exc:
+                # Never offloaded from now on: the dispatcher runs it synchronously.
+                log.info("offload: job %s runs synchronously: %s", row.id, exc)
+                refused.append(row.id)
+                continue
             if size + line > upstream.max_bytes:
                 break
             if budget is not None and tokens + row.cost > budget:
@@ -116,6 +123,9 @@ def gather(route: Route) -> Gathered | None:
             chosen.append(row.id)
             size += line
             tokens += row.cost
+        if refused:
+            session.execute(update(Job).where(Job.id.in_(refused)).values(offload_refused=True))
+            jobs.poke()
         if not chosen:
             return None
         row_id = uuid.uuid4()
@@ -138,7 +148,11 @@ def gather(route: Route) -> Gathered | None:
 
 
 def _item(route: Route, job_id: uuid.UUID, request: dict[str, Any]) -> Item:
-    return Item(str(job_id), {**request, "model": route.upstream_model or route.model})
+    return Item(
+        str(job_id),
+        {**request, "model": route.upstream_model or route.model},
+        max_output_tokens=output_budget(request, model_spec(route.model)),
+    )
 
 
 def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
@@ -149,19 +163,31 @@ def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
         if row is None or row.status != "building":
             return None
         route = route_for(row.model).batch_route()
-        since = row.created_at
+        # Set before the first create goes out: a row that has it may have an upstream batch.
+        tried_since = row.submit_started_at
+        if tried_since is None:
+            row.submit_started_at = session.scalar(select(func.now()))
         requests = session.execute(
             select(Job.id, func.coalesce(Job.upstream_request, Job.request).label("request"))
             .where(Job.upstream_batch_id == row_id, Job.claimed_by == offloaded.owner(row_id))
             .order_by(Job.id)
         ).all()
+        # Every job gathered into the row, as an earlier submit may have sent them.
+        gathered = [
+            str(job_id)
+            for job_id in session.scalars(
+                select(Job.id).where(Job.upstream_batch_id == row_id).order_by(Job.id)
+            )
+        ]
     upstream = batch_upstream(route.offload or row.provider)
     own = client is None
     client = client or _client()
     try:
-        found = upstream.find(
-            client, route, ref=str(row_id), since=since, job_ids=[str(r.id) for r in requests]
-        )
+        found = None
+        if tried_since is not None:
+            found = upstream.find(
+                client, route, ref=str(row_id), since=tried_since, job_ids=gathered
+            )
         file_id = None
         if found is None:
             if not requests:

@@ -67,8 +67,8 @@ def test_find_pages_back_until_the_row_is_older_than_the_listing() -> None:
     route = Route(model="m", base_url="http://up/v1", api_key_env=None, limits=Limits(1, 1, 1))
     with httpx.Client(transport=httpx.MockTransport(answer)) as client:
         since = datetime.fromtimestamp(100, UTC)
-        assert OpenAIBatch().find(client, route, ref="r", since=since) == "b2"
-        assert OpenAIBatch().find(client, route, ref="other", since=since) is None
+        assert OpenAIBatch().find(client, route, ref="r", since=since, job_ids=[]) == "b2"
+        assert OpenAIBatch().find(client, route, ref="other", since=since, job_ids=[]) is None
     assert seen == [None, "b3", None, "b3", "b2"]
 
 
