@@ -71,6 +71,7 @@ RETRY_REASONS = ("429", "5xx", "4xx", "timeout", "connection", "malformed", "int
 RECOVERY_REASONS = ("lost_lease", "lost_message")
 DELIVERY_OUTCOMES = ("succeeded", "retry", "failed", "gone", "blocked")
 FIRE_OUTCOMES = ("fired", "failed", "skipped", "buffered", "missed")
+OFFLOAD_OUTCOMES = ("succeeded", "errored", "unfinished")
 
 FAMILIES: dict[str, Family] = {
     f.name: f
@@ -149,11 +150,18 @@ FAMILIES: dict[str, Family] = {
             ("outcome",),
             every=tuple((o,) for o in FIRE_OUTCOMES),
         ),
+        Family(
+            "chatjobs_offload_results",
+            "Items of provider batch APIs (offload) by what the upstream said of them:"
+            " a result, an error, or not run (expired, cancelled).",
+            ("model", "outcome"),
+        ),
     )
 }
 
 JOB_STATES = ("queued", "retrying", "running", "succeeded", "failed", "cancelled", "expired")
 JOB_KINDS = ("job", "batch_item", "schedule", "chunk")
+OFFLOAD_STATUSES = ("building", "submitted", "ended", "failed_to_submit")
 BATCH_STATUSES = (
     "validating",
     "in_progress",
@@ -164,6 +172,26 @@ BATCH_STATUSES = (
     "cancelling",
     "cancelled",
 )
+
+
+def usage_tokens(usage: dict[str, int], raw: Any) -> dict[str, int]:
+    """Prompt and completion tokens of a call's (cleaned) ``usage``, and the cached and
+    reasoning tokens among them where the upstream's ``raw`` usage reports them (OpenAI's usage
+    details); an odd shape counts as none."""
+    raw = raw if isinstance(raw, dict) else {}
+    counts = {
+        "prompt": usage.get("prompt_tokens", 0),
+        "completion": usage.get("completion_tokens", 0),
+    }
+    for kind, details, key in (
+        ("cached", "prompt_tokens_details", "cached_tokens"),
+        ("reasoning", "completion_tokens_details", "reasoning_tokens"),
+    ):
+        detail = raw.get(details)
+        value = detail.get(key) if isinstance(detail, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
+            counts[kind] = value
+    return counts
 
 
 def job_kind(parent_id: Any, batch_id: Any, schedule_id: Any) -> str:
@@ -452,6 +480,10 @@ class Gauges:
     jobs: dict[tuple[str, str], int]  # (state, kind) -> count
     oldest: dict[str, float]  # model label -> seconds the oldest due job has waited
     batches: dict[str, int]  # status -> count
+    # Provider batches (offload), all queues: rows by status, and the tokens the open ones
+    # hold against offload_enqueued_tokens by model label.
+    offload_batches: dict[str, int]
+    offload_enqueued: dict[str, int]
 
 
 _ACTIVE = "status IN ('queued', 'retrying', 'running')"
@@ -498,5 +530,24 @@ def read_gauges(session: Session, finished: dict[tuple[str, str], int]) -> Gauge
             {"q": queue},
         )
     }
+    offload_batches: dict[str, int] = {}
+    offload_enqueued: dict[str, int] = {}
+    for status, name, count, tokens in session.execute(
+        text(
+            "SELECT status, model, count(*), sum(enqueued_tokens) FROM upstream_batches"
+            " WHERE status IN ('building', 'submitted') OR ended_at > now() - interval '1 day'"
+            " GROUP BY 1, 2"
+        )
+    ):
+        offload_batches[str(status)] = offload_batches.get(str(status), 0) + int(count)
+        if status in ("building", "submitted"):
+            label = model(name)
+            offload_enqueued[label] = offload_enqueued.get(label, 0) + int(tokens or 0)
     jobs = {**finished, **count_jobs(session, finished=False)}
-    return Gauges(jobs=jobs, oldest=oldest, batches=batches)
+    return Gauges(
+        jobs=jobs,
+        oldest=oldest,
+        batches=batches,
+        offload_batches=offload_batches,
+        offload_enqueued=offload_enqueued,
+    )

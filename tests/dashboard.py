@@ -37,6 +37,9 @@ FAMILIES = {
     "chatjobs_recovered": "counter",
     "chatjobs_webhook_deliveries": "counter",
     "chatjobs_schedule_fires": "counter",
+    "chatjobs_offload_results": "counter",
+    "chatjobs_offload_upstream_batches": "gauge",
+    "chatjobs_offload_enqueued_tokens": "gauge",
 }
 
 # What Grafana's own variables stand for when an expression runs outside Grafana: an interval

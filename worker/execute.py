@@ -335,21 +335,7 @@ def token_counts(completion: Completion) -> dict[str, int]:
     ``gateway_cached`` only, never as prompt or completion tokens."""
     if completion.cached:
         return {"gateway_cached": completion.usage.get("total_tokens", 0)}
-    usage = completion.body.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
-    counts = {
-        "prompt": completion.usage.get("prompt_tokens", 0),
-        "completion": completion.usage.get("completion_tokens", 0),
-    }
-    for kind, details, key in (
-        ("cached", "prompt_tokens_details", "cached_tokens"),
-        ("reasoning", "completion_tokens_details", "reasoning_tokens"),
-    ):
-        detail = usage.get(details)
-        value = detail.get(key) if isinstance(detail, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31:
-            counts[kind] = value
-    return counts
+    return metrics.usage_tokens(completion.usage, completion.body.get("usage"))
 
 
 def _record_outcome(

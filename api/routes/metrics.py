@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 from api.errors import AuthenticationFailed
 from chatjobs import metrics
 from chatjobs.db import session_scope
+from chatjobs.routing import offload_routes
 from chatjobs.settings import get_settings
 
 router = APIRouter(tags=["operations"])
@@ -99,6 +100,23 @@ def _gauge_families(gauges: metrics.Gauges) -> Iterator[Metric]:
     for status in sorted(set(metrics.BATCH_STATUSES) | set(gauges.batches)):
         batches.add_metric([status], gauges.batches.get(status, 0))
     yield batches
+    offload = GaugeMetricFamily(
+        "chatjobs_offload_upstream_batches",
+        "Provider batches (offload) open, and those ended in the last day, by status.",
+        labels=["status"],
+    )
+    for status in sorted(set(metrics.OFFLOAD_STATUSES) | set(gauges.offload_batches)):
+        offload.add_metric([status], gauges.offload_batches.get(status, 0))
+    yield offload
+    enqueued = GaugeMetricFamily(
+        "chatjobs_offload_enqueued_tokens",
+        "Tokens the open provider batches hold against offload_enqueued_tokens, by model.",
+        labels=["model"],
+    )
+    offloading = {metrics.model(route.model) for route in offload_routes()}
+    for model in sorted(offloading | set(gauges.offload_enqueued)):
+        enqueued.add_metric([model], gauges.offload_enqueued.get(model, 0))
+    yield enqueued
 
 
 # The classic text format: every Prometheus 2.x parses it (the names need no 1.0.0 escaping).

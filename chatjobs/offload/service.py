@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from sqlalchemy import func, or_, select, text, update
 
-from chatjobs import jobs
+from chatjobs import jobs, metrics
 from chatjobs.db import session_scope
 from chatjobs.errors import UpstreamError, is_retryable
 from chatjobs.jobs import offloaded
@@ -28,6 +28,7 @@ from chatjobs.jobs.attempts import Call, Claim, record_outcome
 from chatjobs.models import Job, JobStatus, UpstreamBatch
 from chatjobs.offload import batch_upstream
 from chatjobs.offload.upstream import Item, NotOffloadable, Result
+from chatjobs.providers.base import clean_usage
 from chatjobs.routing import Route, model_spec, offload_routes, output_budget, route_for
 from chatjobs.settings import get_settings
 
@@ -404,11 +405,15 @@ def apply(
     pending: list[tuple[Claim, Result]] = []
 
     def flush() -> None:
+        written: list[tuple[Claim, Result]] = []
         with session_scope() as session:
             for claim, result in pending:
                 status = _apply_one(session, claim, result, latency_ms, retry_delay)
                 counts[status] = counts.get(status, 0) + 1
+                if status != "stale" and not status.startswith("recorded already"):
+                    written.append((claim, result))
         pending.clear()
+        _count(written)
 
     for result in results:
         claim = claims.pop(result.job_id, None)
@@ -426,6 +431,20 @@ def apply(
     jobs.poke()
     log.info("offload: results of %s applied: %s", row_id, counts)
     return counts
+
+
+def _count(written: list[tuple[Claim, Result]]) -> None:
+    """The metrics of results written: what the upstream said, and the tokens it used."""
+    for claim, result in written:
+        model = metrics.model(claim.model)
+        outcome = "succeeded" if result.completion else "errored" if result.error else "unfinished"
+        metrics.inc("chatjobs_offload_results", model, outcome)
+        if result.completion is None:
+            continue
+        raw = result.completion.get("usage")
+        tenant = metrics.tenant(claim.tenant_id)
+        for kind, tokens in metrics.usage_tokens(clean_usage(raw) or {}, raw).items():
+            metrics.inc("chatjobs_tokens", model, kind, tenant, amount=tokens)
 
 
 def _apply_one(

@@ -17,6 +17,7 @@ import pytest
 
 from chatjobs.testing import Proc, python_cli
 from tests.conftest import MiniStack, new_key
+from tests.integration.test_metrics import OFFLOAD_ONLY, scrape, value
 from tests.integration.test_reliability import sql, wait_until
 
 MODEL = "offload-model"
@@ -177,6 +178,19 @@ def test_long_deadline_jobs_become_one_upstream_batch_and_short_ones_run_here(
     assert usage["offload_saving_usd"] == pytest.approx(saving)
     full = (usage["prompt_tokens"] * 2.0 + usage["completion_tokens"] * 8.0) / 1e6
     assert usage["cost_usd"] == pytest.approx(full - saving, abs=1e-5)
+    # GET /metrics: the items by what the upstream said, their tokens, the row by status.
+    with offloader.client(tenant) as client:
+
+        def counted() -> bool:
+            return value(scrape(client)[1], "chatjobs_offload_results_total") == count
+
+        wait_until(counted, 15, "beat's counts reached the scrape")
+        _, samples = scrape(client)
+    assert value(samples, "chatjobs_offload_results_total", outcome="succeeded") == count
+    assert value(samples, "chatjobs_tokens_total", type="prompt") == usage["prompt_tokens"]
+    assert value(samples, "chatjobs_offload_upstream_batches", status="ended") == 1
+    assert OFFLOAD_ONLY <= set(samples)
+    assert samples["chatjobs_offload_enqueued_tokens"] == [({"model": MODEL}, 0.0)]
 
 
 def test_failed_lines_are_retried_in_the_next_upstream_batch(
