@@ -513,9 +513,9 @@ def test_submit_posts_the_requests_inline_with_anthropics_headers() -> None:
 
 def test_submit_refused_raises_the_classified_error() -> None:
     refusal = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad"}}
-    with client_for(lambda r: httpx.Response(400, json=refusal)) as client:
-        with pytest.raises(UpstreamStatusError) as info:
-            AnthropicBatch().submit(client, ROUTE, [b"{}"], ref="r")
+    refusing = client_for(lambda r: httpx.Response(400, json=refusal))
+    with refusing as client, pytest.raises(UpstreamStatusError) as info:
+        AnthropicBatch().submit(client, ROUTE, [b"{}"], ref="r")
     assert info.value.status_code == 400 and not is_retryable(info.value)
 
 
@@ -625,7 +625,7 @@ def find(handler: Handler) -> str | None:
 
 def test_find_takes_the_ended_batch_whose_results_name_the_rows_jobs() -> None:
     later = SINCE + timedelta(seconds=5)
-    handler, cursors = lister(
+    handler, _ = lister(
         [[batch("other", later, 3, "ended"), batch("mine", later, 3, "ended")]],
         {"mine": "job-b"},
     )
