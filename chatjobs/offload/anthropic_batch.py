@@ -78,12 +78,12 @@ FINISH_REASONS = {
 # What Anthropic requires and OpenAI does not: a request that sets no limit gets this one.
 DEFAULT_MAX_TOKENS = 4096
 # Request fields that change nothing about the answer, left out.
-_DROPPED = frozenset(
-    {"model", "messages", "stream", "stream_options", "store", "metadata", "service_tier"}
-)
+_DROPPED = frozenset({"stream", "stream_options", "store", "metadata", "service_tier"})
 # Request fields encode translates (everything else is refused as unknown).
 _HANDLED = frozenset(
     {
+        "model",
+        "messages",
         "max_tokens",
         "max_completion_tokens",
         "temperature",
@@ -108,6 +108,8 @@ _HANDLED = frozenset(
 _PAGE = 100
 # find: how much earlier than ``since`` a batch may say it was made (the clocks differ).
 CLOCK_SKEW = timedelta(seconds=60)
+# Anthropic's rule for custom_id (a job id, a UUID, always passes).
+CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _FRACTION = re.compile(r"(\.\d{6})\d+")
 
 
@@ -313,6 +315,21 @@ def _refuse_unfaithful(request: dict[str, Any]) -> None:
         raise NotOffloadable(f"{unknown[0]}: not a field the offload translates")
 
 
+def _sampling(temperature: Any, top_p: Any) -> dict[str, Any]:
+    """temperature and top_p as Anthropic takes them: its newer models (Opus 4.1, Sonnet 4.5
+    on) refuse both at once (400 "temperature and top_p cannot both be specified for this
+    model"), so one at its default (1, the same for both APIs) is left out."""
+    if temperature is not None and top_p is not None:
+        if top_p == 1:
+            top_p = None
+        elif temperature == 1:
+            temperature = None
+        else:
+            raise NotOffloadable("top_p: Anthropic takes temperature or top_p, not both")
+    sampling = {"temperature": temperature, "top_p": top_p}
+    return {key: value for key, value in sampling.items() if value is not None}
+
+
 def anthropic_params(request: dict[str, Any], max_output_tokens: int | None) -> dict[str, Any]:
     """The chat request as Messages API params; NotOffloadable if it cannot be run faithfully."""
     _refuse_unfaithful(request)
@@ -330,9 +347,7 @@ def anthropic_params(request: dict[str, Any], max_output_tokens: int | None) -> 
     }
     if system is not None:
         params["system"] = system
-    for key in ("temperature", "top_p"):
-        if request.get(key) is not None:
-            params[key] = request[key]
+    params.update(_sampling(request.get("temperature"), request.get("top_p")))
     stop = request.get("stop")
     if stop is not None:
         params["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -487,6 +502,8 @@ class AnthropicBatch:
 
     def encode(self, item: Item) -> bytes:
         # One entry of the requests array; submit joins them with commas.
+        if not CUSTOM_ID.match(item.job_id):
+            raise NotOffloadable("custom_id: the job id is not 1-64 letters, digits, - or _")
         entry = {
             "custom_id": item.job_id,
             "params": anthropic_params(item.request, item.max_output_tokens),
@@ -533,6 +550,8 @@ class AnthropicBatch:
         """
         key = route.api_key()
         wanted = set(job_ids)
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
         oldest = since - CLOCK_SKEW
         unproved: list[str] = []
         after: str | None = None
@@ -546,7 +565,9 @@ class AnthropicBatch:
             reached_older = False
             for batch in data:
                 created = _created(batch)
-                if created is None or created < oldest:
+                if created is None:
+                    continue
+                if created < oldest:
                     reached_older = True
                     continue
                 if _size(batch) != len(job_ids):
@@ -575,8 +596,14 @@ class AnthropicBatch:
         url = batch.get("results_url")
         if not url:
             return None
-        for result in self._stream(client, route, str(url)):
-            return result.job_id
+        try:
+            for result in self._stream(client, route, str(url)):
+                return result.job_id
+        except UpstreamStatusError as exc:
+            # Another batch's results gone (archived) or refused: not proof of anything, and
+            # no reason to refuse this row's submit.
+            if exc.status_code is None or exc.status_code >= 500 or exc.status_code == 429:
+                raise
         return None
 
     def poll(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> UpstreamBatch:

@@ -141,13 +141,14 @@ def test_tool_calls_become_tool_use_and_tool_messages_tool_results_in_a_user_tur
 def test_sampling_stop_and_user_fields_are_translated() -> None:
     out = params(
         temperature=0.5,
-        top_p=0.9,
+        top_p=1,
         stop="END",
         user="u-42",
         stream=True,
         stream_options={"include_usage": True},
     )
-    assert out["temperature"] == 0.5 and out["top_p"] == 0.9
+    assert out["temperature"] == 0.5 and "top_p" not in out
+    assert params(top_p=0.9)["top_p"] == 0.9
     assert out["stop_sequences"] == ["END"]
     assert out["metadata"] == {"user_id": "u-42"}
     assert "stream" not in out and "stream_options" not in out
@@ -201,6 +202,19 @@ def test_parallel_tool_calls_false_disables_parallel_tool_use() -> None:
         "type": "none"
     }
     assert "tool_choice" not in params(tools=[tool], parallel_tool_calls=True)
+
+
+def test_temperature_and_top_p_together_keep_the_one_not_at_its_default() -> None:
+    assert params(temperature=0.2, top_p=1)["temperature"] == 0.2
+    assert "top_p" not in params(temperature=0.2, top_p=1)
+    assert params(temperature=1, top_p=0.8)["top_p"] == 0.8
+    assert "temperature" not in params(temperature=1, top_p=0.8)
+    assert "top_p" in refused(temperature=0.2, top_p=0.8)
+
+
+def test_a_job_id_anthropic_would_refuse_as_custom_id_is_not_offloaded() -> None:
+    with pytest.raises(NotOffloadable, match="custom_id"):
+        AnthropicBatch().encode(Item("job 1", {"model": "c", "messages": [USER]}))
 
 
 def test_the_simulators_fault_field_passes_through() -> None:
@@ -686,6 +700,18 @@ def test_find_pages_by_after_id_until_the_listing_is_older_than_since() -> None:
     assert cursors == [None, "n2"]
     nothing, cursors = lister([[batch("n1", later, 1)], [batch("n2", later, 2)], []])
     assert find(nothing) is None and cursors == [None, "n1", "n2"]
+
+
+def test_find_skips_a_candidate_whose_results_are_gone() -> None:
+    later = SINCE + timedelta(seconds=5)
+    listing, _ = lister([[batch("archived", later, 3, "ended"), batch("mine", later, 3)]])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/results"):
+            return httpx.Response(404, json={"type": "error", "error": {"type": "not_found_error"}})
+        return listing(request)
+
+    assert find(handler) == "mine"
 
 
 def test_find_ignores_an_ended_batch_of_the_same_size_holding_other_jobs() -> None:
