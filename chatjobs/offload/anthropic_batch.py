@@ -26,10 +26,11 @@ recognises the batch an earlier ``submit`` made by when and how big it is; see `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -597,8 +598,10 @@ class AnthropicBatch:
         if not url:
             return None
         try:
-            for result in self._stream(client, route, str(url)):
-                return result.job_id
+            # Closing the stream after one line: the rest of the file is not read.
+            with contextlib.closing(self._stream(client, route, str(url))) as lines:
+                for result in lines:
+                    return result.job_id
         except UpstreamStatusError as exc:
             # Another batch's results gone (archived) or refused: not proof of anything, and
             # no reason to refuse this row's submit.
@@ -621,7 +624,7 @@ class AnthropicBatch:
         if batch.output_ref:
             yield from self._stream(client, route, batch.output_ref)
 
-    def _stream(self, client: httpx.Client, route: Route, url: str) -> Iterator[Result]:
+    def _stream(self, client: httpx.Client, route: Route, url: str) -> Generator[Result]:
         """The results file at ``url``, line by line (never the whole file in memory)."""
         try:
             with client.stream("GET", url, headers=_headers(route.api_key())) as response:
