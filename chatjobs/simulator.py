@@ -103,6 +103,9 @@ class SimConfig:
     gateway_default_attempts: int = 5
     gateway_token: str | None = None
     native_usage: bool = True
+    # Anthropic's Message Batches (chatjobs.simulator_anthropic).
+    anthropic_batch_delay: float = 1.0
+    anthropic_batch_expire: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -115,10 +118,12 @@ class SimConfig:
         return data
 
 
-_SECONDS_FIELDS = frozenset({"latency", "jitter", "hang_seconds", "stream_chunk_delay"})
+_SECONDS_FIELDS = frozenset(
+    {"latency", "jitter", "hang_seconds", "stream_chunk_delay", "anthropic_batch_delay"}
+)
 _RATE_FIELDS = frozenset({"error_rate", "timeout_rate", "malformed_rate"})
 _LIMIT_FIELDS = frozenset({"rpm", "tpm", "context_window"})
-_BOOL_FIELDS = frozenset({"gateway_cache", "native_usage"})
+_BOOL_FIELDS = frozenset({"gateway_cache", "native_usage", "anthropic_batch_expire"})
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(SimConfig))
 # Spellings of "no limit" accepted from the environment and the command line.
 _UNLIMITED = frozenset({"", "none", "null", "off", "unlimited"})
@@ -261,6 +266,8 @@ _ARG_HELP = {
     "gateway_default_attempts": "attempts the AI Gateway makes when cf-aig-max-attempts is absent",
     "gateway_token": "AI Gateway is authenticated: require 'cf-aig-authorization: Bearer TOKEN'",
     "native_usage": "Workers AI native answers carry result.usage (false: omit it)",
+    "anthropic_batch_delay": "seconds before an Anthropic Message Batch is processed",
+    "anthropic_batch_expire": "Anthropic Message Batches processed now expire every request",
 }
 
 
@@ -1515,6 +1522,8 @@ def create_app(
     """The simulator ASGI app; `clock` (monotonic seconds) lets tests drive the rate limiter."""
     # Load the encoding now, not on the first request (a third of a second).
     count_prompt_tokens([{"role": "user", "content": "warm"}])
+    from chatjobs.simulator_anthropic import batch_routes  # it imports this module
+
     sim = Simulator(config or SimConfig(), clock)
     completions = _CompletionsEndpoint(sim)
 
@@ -1585,6 +1594,7 @@ def create_app(
                 Route(path, _CompletionsEndpoint(sim, shape), methods=["POST"])
                 for path, shape in prov.ROUTES
             ),
+            *batch_routes(sim),
         ],
         exception_handlers={404: not_found, 405: not_found},
     )
