@@ -1,7 +1,7 @@
 """Offload end to end: N jobs with a 48 h deadline offloaded to a second chatjobs stack's
-OpenAI-shaped Files + Batches API, to done.
+OpenAI-shaped Files + Batches API (or to the simulator's Anthropic Message Batches), to done.
 
-    .venv/bin/python bench/offload.py [--jobs 10000] [--latency 0.5]
+    .venv/bin/python bench/offload.py [--jobs 10000] [--latency 0.5] [--to chatjobs|anthropic]
 
 The upstream is ``bench.stack.running_stack`` (api, one worker, beat, the simulator at
 ``--latency``); the offloading stack is a second api, worker and beat on the same database
@@ -9,7 +9,11 @@ and a queue of its own, with a models file whose route offloads to the first
 (``offload_base_url``). The jobs are submitted with its beat stopped, then beat starts:
 the timings are from that moment: gathered and submitted (the upstream batch created),
 the upstream batch ended, and every job's outcome written; and where the upstream's time
-went (its batch's own in_progress and finalizing timestamps).
+went (its batch's own in_progress and finalizing timestamps). With ``--to anthropic`` the
+route says ``offload = "anthropic-batch"`` and the upstream is the simulator's Message Batches
+API, which processes a batch ``--anthropic-delay`` seconds after it is created (all at once):
+what is left is chatjobs' own time (encode and send the requests, poll, stream the results,
+write the outcomes).
 """
 
 from __future__ import annotations
@@ -39,12 +43,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--to", choices=("chatjobs", "anthropic"), default="chatjobs")
+    parser.add_argument("--anthropic-delay", type=float, default=5.0)
     args = parser.parse_args()
-    with running_stack(sim_args=("--latency", str(args.latency))) as up:
+    sim_args = (
+        "--latency",
+        str(args.latency),
+        "--anthropic-batch-delay",
+        str(args.anthropic_delay),
+    )
+    with running_stack(sim_args=sim_args) as up:
         models = Path(tempfile.mkdtemp()) / "models.toml"
+        if args.to == "anthropic":
+            offload = (
+                'offload = "anthropic-batch"\n'
+                f'offload_base_url = "{up.env["CHATJOBS_UPSTREAM_BASE_URL"]}"\n'
+            )
+        else:
+            offload = (
+                f'offload = "openai-batch"\noffload_base_url = "{up.api_url}/v1"\n'
+                'offload_api_key_env = "BENCH_UPSTREAM_KEY"\n'
+            )
         models.write_text(
-            f'[models."{MODEL}"]\nupstream_model = "gpt-4.1"\noffload = "openai-batch"\n'
-            f'offload_base_url = "{up.api_url}/v1"\noffload_api_key_env = "BENCH_UPSTREAM_KEY"\n'
+            f'[models."{MODEL}"]\nupstream_model = "gpt-4.1"\n{offload}'
             "input_per_mtok = 2.0\noutput_per_mtok = 8.0\n"
         )
         port = free_port()
@@ -133,6 +154,12 @@ def main() -> None:
             engine.dispose()
             print(" ".join(f"{k}={v:.1f}s" for k, v in marks.items()))
             for r in rows:
+                if r.in_progress_at is None:  # not a chatjobs upstream
+                    print(
+                        f"upstream batch: {r.items} items; all outcomes written after"
+                        f" {(r.ended_at - r.created_at).total_seconds():.1f}s"
+                    )
+                    continue
                 print(
                     f"upstream batch: {r.items} items; upstream in_progress after"
                     f" {(r.in_progress_at - r.created_at).total_seconds():.1f}s, finalizing"

@@ -85,11 +85,14 @@ def test_the_models_file_names_an_unknown_offload_value(tmp_path: Path) -> None:
         load_models_file(path)
     path.write_text('[models."m"]\noffload = "off"\n')
     assert load_models_file(path)["m"].offload == "off"
+    path.write_text('[models."m"]\noffload = "anthropic-batch"\n')
+    assert load_models_file(path)["m"].offload == "anthropic-batch"
 
 
 def test_the_registry_imports_only_what_is_installed() -> None:
-    assert "openai-batch" in available()
+    assert sorted(available()) == ["anthropic-batch", "openai-batch"]
     assert batch_upstream("openai-batch").name == "openai-batch"
+    assert batch_upstream("anthropic-batch").name == "anthropic-batch"
 
 
 def test_a_batch_route_is_the_route_with_the_offload_address_and_key() -> None:
