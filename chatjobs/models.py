@@ -247,9 +247,9 @@ class Job(Base):
     upstream_batch_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("upstream_batches.id", ondelete="SET NULL")
     )
-    # The route's batch upstream cannot run this request as a synchronous call would: it is
-    # never offloaded.
-    offload_refused: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Whether the route's batch upstream can run this request as a synchronous call would:
+    # None until an offload gather has looked; True: it is never offloaded.
+    offload_refused: Mapped[bool | None] = mapped_column(Boolean)
 
     # Long inputs: how the prompt was counted, and the request actually sent when it differs
     # from the one submitted (truncated, or one chunk of a map-reduce).
@@ -331,9 +331,11 @@ class UpstreamBatch(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(_tz)
     next_poll_at: Mapped[datetime | None] = mapped_column(_tz)
     poll_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Set before the first create request goes out: from then on a pass looks for the batch
-    # an earlier one may have created before creating one.
+    # Set before each create request goes out: a pass finding it set looks for the batch that
+    # create may have made before making one.
     submit_started_at: Mapped[datetime | None] = mapped_column(_tz)
+    # How many requests that create sent (what find looks for where batches carry no ref).
+    submit_items: Mapped[int | None] = mapped_column(Integer)
     # Every item was cancelled in chatjobs: the upstream batch is to be cancelled.
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
     error: Mapped[str | None] = mapped_column(Text)

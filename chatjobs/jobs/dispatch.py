@@ -248,7 +248,7 @@ _HEADS = text(
         AND NOT EXISTS (
           SELECT 1 FROM unnest(CAST(:off_models AS text[]), CAST(:off_mins AS float8[]))
             AS o(model, secs)
-          WHERE o.model = j.model AND NOT j.needs_plan AND NOT j.offload_refused
+          WHERE o.model = j.model AND NOT j.needs_plan AND j.offload_refused IS NOT TRUE
             AND j.deadline >= now() + make_interval(secs => o.secs))
       ORDER BY j.priority DESC, j.id
       LIMIT t.size

@@ -43,7 +43,14 @@ from chatjobs.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from chatjobs.offload.upstream import Item, NotOffloadable, Result, Submitted, UpstreamBatch
+from chatjobs.offload.upstream import (
+    EarlierSubmit,
+    Item,
+    NotOffloadable,
+    Result,
+    Submitted,
+    UpstreamBatch,
+)
 from chatjobs.providers.base import error_payload, join_url, request_id, retry_after
 from chatjobs.scrub import scrub_configured
 
@@ -192,18 +199,20 @@ def _tool_use(call: Any, where: str) -> dict[str, Any]:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or call.get("type", "function") != "function":
         raise NotOffloadable(f"{where}: only function tool calls are offloaded")
+    if not isinstance(call.get("id"), str) or not call["id"]:
+        raise NotOffloadable(f"{where}.id: a tool call needs an id")
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise NotOffloadable(f"{where}.function.name: a tool call needs a name")
+    raw = fn.get("arguments")
+    if raw is not None and not isinstance(raw, str):
+        raise NotOffloadable(f"{where}.function.arguments: expected a JSON string")
     try:
-        arguments = json.loads(fn.get("arguments") or "{}")
+        arguments = json.loads(raw or "{}")
     except ValueError:
         raise NotOffloadable(f"{where}.function.arguments: not JSON") from None
     if not isinstance(arguments, dict):
         raise NotOffloadable(f"{where}.function.arguments: not a JSON object")
-    return {
-        "type": "tool_use",
-        "id": str(call.get("id")),
-        "name": fn.get("name"),
-        "input": arguments,
-    }
+    return {"type": "tool_use", "id": call["id"], "name": fn["name"], "input": arguments}
 
 
 def _messages(messages: Any) -> tuple[str | None, list[dict[str, Any]]]:
@@ -251,6 +260,8 @@ def _messages(messages: Any) -> tuple[str | None, list[dict[str, Any]]]:
     if not turns:
         raise NotOffloadable("messages: no user or assistant content")
     for turn in turns:
+        # A user turn's tool results come before its text (Anthropic refuses them after).
+        turn["content"].sort(key=lambda block: block["type"] != "tool_result")
         # One text block is sent as plain text, as most requests are written.
         if len(turn["content"]) == 1 and turn["content"][0]["type"] == "text":
             turn["content"] = turn["content"][0]["text"]
@@ -268,11 +279,13 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise NotOffloadable(f"tools[{i}]: {kind!r} tools are not offloaded")
         if fn.get("strict"):
             raise NotOffloadable(f"tools[{i}].function.strict: schema adherence not guaranteed")
-        spec: dict[str, Any] = {
-            "name": fn.get("name"),
-            "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
-        }
-        if fn.get("description"):
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise NotOffloadable(f"tools[{i}].function.name: a tool needs a name")
+        schema = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not isinstance(schema, dict):
+            raise NotOffloadable(f"tools[{i}].function.parameters: expected a JSON schema object")
+        spec: dict[str, Any] = {"name": fn["name"], "input_schema": schema}
+        if isinstance(fn.get("description"), str) and fn["description"]:
             spec["description"] = fn["description"]
         out.append(spec)
     return out
@@ -290,13 +303,38 @@ def _tool_choice(choice: Any) -> dict[str, Any]:
     raise NotOffloadable(f"tool_choice: {choice!r} is not offloaded")
 
 
+def _number(request: dict[str, Any], field: str, low: float, high: float) -> None:
+    """NotOffloadable unless ``field`` is absent or a number in [low, high]."""
+    value = request.get(field)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise NotOffloadable(f"{field}: Anthropic takes a number from {low:g} to {high:g}")
+
+
+def _stop_sequences(stop: Any) -> list[str]:
+    """OpenAI's ``stop`` as Anthropic's ``stop_sequences``: each must hold a non-space
+    character (Anthropic answers 400 to "\n", which OpenAI clients often send)."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise NotOffloadable("stop: expected a string or an array of strings")
+    if not all(s.strip() for s in stops):
+        raise NotOffloadable("stop: Anthropic refuses stop sequences of only whitespace")
+    return list(stops)
+
+
 def _refuse_unfaithful(request: dict[str, Any]) -> None:
     """NotOffloadable for every field Anthropic cannot honour as OpenAI would."""
     if (request.get("n") or 1) != 1:
         raise NotOffloadable("n: Anthropic answers one choice per request")
-    temperature = request.get("temperature")
-    if temperature is not None and temperature > 1:
-        raise NotOffloadable("temperature: Anthropic's range is 0 to 1")
+    _number(request, "temperature", 0, 1)
+    _number(request, "top_p", 0, 1)
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = request.get(field)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise NotOffloadable(f"{field}: expected a positive integer")
     response_format = request.get("response_format")
     if response_format is not None and (
         not isinstance(response_format, dict) or response_format.get("type") != "text"
@@ -351,7 +389,7 @@ def anthropic_params(request: dict[str, Any], max_output_tokens: int | None) -> 
     params.update(_sampling(request.get("temperature"), request.get("top_p")))
     stop = request.get("stop")
     if stop is not None:
-        params["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+        params["stop_sequences"] = _stop_sequences(stop)
     if request.get("tools"):
         params["tools"] = _tools(request["tools"])
         choice = _tool_choice(request.get("tool_choice") or "auto")
@@ -407,6 +445,7 @@ def message_completion(message: dict[str, Any]) -> dict[str, Any]:
         for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     )
     completion = _count(usage.get("output_tokens"))
+    cached = _count(usage.get("cache_read_input_tokens"))
     return {
         "id": str(message.get("id")),
         "object": "chat.completion",
@@ -424,6 +463,8 @@ def message_completion(message: dict[str, Any]) -> dict[str, Any]:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            # OpenAI's name for the prompt tokens read from the cache.
+            "prompt_tokens_details": {"cached_tokens": cached},
         },
     }
 
@@ -526,31 +567,23 @@ class AnthropicBatch:
         )
         return Submitted(upstream_batch_id=str(created["id"]), upstream_file_id=None)
 
-    def find(
-        self,
-        client: httpx.Client,
-        route: Route,
-        *,
-        ref: str,
-        since: datetime,
-        job_ids: Sequence[str],
-    ) -> str | None:
-        """The batch an earlier submit of these ``job_ids`` made, recognised without metadata.
+    def find(self, client: httpx.Client, route: Route, earlier: EarlierSubmit) -> str | None:
+        """The batch an earlier submit of the row made, recognised without metadata.
 
-        Candidates are the batches created at or after ``since`` (less CLOCK_SKEW) holding
-        exactly ``len(job_ids)`` requests. An ended candidate is the row's if the first line
-        of its results names one of ``job_ids`` (job ids are unique, so this is proof). If
+        Candidates are the batches created at or after ``earlier.since`` (less CLOCK_SKEW)
+        holding exactly ``earlier.items`` requests, and not recorded by another row
+        (``earlier.taken``). An ended candidate is the row's if the first line of its
+        results names one of ``earlier.job_ids`` (job ids are unique, so this is proof). If
         none is proved, a single unfinished candidate is taken; several unfinished ones
         raise AmbiguousBatch (retryable), so the caller finds again once they have ended
         rather than guess or create a second batch.
 
-        The limit: an unfinished batch of the same size, made after ``since`` by someone
-        else with this key (another row re-submitting at the same moment, another system),
-        is taken for the row's if it is the only candidate. ``since`` must therefore be as
-        late as possible: just before the earlier create, not the row's creation.
+        The limit: an unfinished batch of the same size made in that window by another
+        system using this key, not yet recorded anywhere, is taken for the row's if it is
+        the only candidate (and the row's own create never reached Anthropic).
         """
+        since, wanted = earlier.since, earlier.job_ids
         key = route.api_key()
-        wanted = set(job_ids)
         if since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         oldest = since - CLOCK_SKEW
@@ -571,7 +604,7 @@ class AnthropicBatch:
                 if created < oldest:
                     reached_older = True
                     continue
-                if _size(batch) != len(job_ids):
+                if _size(batch) != earlier.items or str(batch.get("id")) in earlier.taken:
                     continue
                 if batch.get("processing_status") == "ended":
                     if self._first_custom_id(client, route, batch) in wanted:
@@ -586,7 +619,7 @@ class AnthropicBatch:
             return unproved[0]
         if unproved:
             raise AmbiguousBatch(
-                f"{len(unproved)} unfinished upstream batches of {len(job_ids)} requests "
+                f"{len(unproved)} unfinished upstream batches of {earlier.items} requests "
                 "since the row's submit: finding again once they end",
                 status_code=409,
                 code="ambiguous_batch",

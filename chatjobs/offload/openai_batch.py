@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -23,7 +22,7 @@ from chatjobs.errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from chatjobs.offload.upstream import Item, Result, Submitted, UpstreamBatch
+from chatjobs.offload.upstream import EarlierSubmit, Item, Result, Submitted, UpstreamBatch
 from chatjobs.providers.base import bearer, join_url
 from chatjobs.providers.openai import openai_body, openai_error
 
@@ -148,16 +147,9 @@ class OpenAIBatch:
         )
         return Submitted(upstream_batch_id=str(created["id"]), upstream_file_id=file_id)
 
-    def find(
-        self,
-        client: httpx.Client,
-        route: Route,
-        *,
-        ref: str,
-        since: datetime,
-        job_ids: Sequence[str],
-    ) -> str | None:
-        # Its batches carry chatjobs' ref in their metadata: job_ids are not needed.
+    def find(self, client: httpx.Client, route: Route, earlier: EarlierSubmit) -> str | None:
+        # Its batches carry the row's ref in their metadata: that is proof enough.
+        ref, since = earlier.ref, earlier.since
         key = route.api_key()
         after: str | None = None
         oldest = since.timestamp()

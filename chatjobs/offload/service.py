@@ -27,7 +27,13 @@ from chatjobs.jobs import offloaded
 from chatjobs.jobs.attempts import Call, Claim, record_outcome
 from chatjobs.models import Job, JobStatus, UpstreamBatch
 from chatjobs.offload import batch_upstream
-from chatjobs.offload.upstream import Item, NotOffloadable, Result
+from chatjobs.offload.upstream import (
+    BatchUpstream,
+    EarlierSubmit,
+    Item,
+    NotOffloadable,
+    Result,
+)
 from chatjobs.providers.base import clean_usage
 from chatjobs.routing import Route, model_spec, offload_routes, output_budget, route_for
 from chatjobs.settings import get_settings
@@ -49,11 +55,14 @@ _WHOLE_BATCH = frozenset({"batch_failed", "batch_refused"})
 
 _ELIGIBLE = text(
     """
-    SELECT id, cost, model, coalesce(upstream_request, request) AS request FROM jobs
+    SELECT id, cost, model, offload_refused, coalesce(upstream_request, request) AS request
+    FROM jobs
     WHERE queue = :queue AND model = :model AND status IN ('queued', 'retrying')
       AND next_attempt_at IS NOT NULL AND next_attempt_at <= now()
       AND deadline >= now() + make_interval(secs => :min_deadline)
-      AND NOT needs_plan AND NOT offload_refused
+      AND NOT needs_plan AND offload_refused IS NOT TRUE
+      -- With no room left, only the jobs not checked yet: whether the upstream can run them.
+      AND (NOT :unchecked_only OR offload_refused IS NULL)
     ORDER BY id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -84,68 +93,95 @@ class Gathered:
 
 def gather(route: Route) -> Gathered | None:
     """Claim the route's eligible jobs (oldest first) into a new ``building`` row, within
-    the upstream's file limits and the route's enqueued-token budget; None if none."""
+    the upstream's file limits and the route's enqueued-token budget; None if none.
+
+    Every job looked at is checked once whether the upstream can run it (``encode``); one it
+    cannot is marked ``offload_refused`` and left to the dispatcher, even while the budget
+    holds the others back."""
     upstream = batch_upstream(route.offload or "")
-    with session_scope() as session:
-        budget = None
-        if route.offload_enqueued_tokens is not None:
-            # One gather per route at a time, so two beats cannot both spend the budget.
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                {"key": f"offload:{route.limit_key}"},
-            )
-            budget = route.offload_enqueued_tokens - _held_tokens(session, route)
-            if budget <= 0:
-                return None
-        rows = session.execute(
-            _ELIGIBLE,
-            {
-                "queue": get_settings().queue_name,
-                "model": route.model,
-                "min_deadline": float(route.offload_min_deadline),
-                "limit": upstream.max_items,
-            },
-        ).all()
-        chosen: list[uuid.UUID] = []
-        refused: list[uuid.UUID] = []
-        size = tokens = 0
-        for row in rows:
-            try:
-                line = len(upstream.encode(_item(route, row.id, row.request)))
-            except NotOffloadable as exc:
-                # Never offloaded from now on: the dispatcher runs it synchronously.
-                log.info("offload: job %s runs synchronously: %s", row.id, exc)
-                refused.append(row.id)
-                continue
-            if size + line > upstream.max_bytes:
-                break
-            if budget is not None and tokens + row.cost > budget:
-                break
-            chosen.append(row.id)
-            size += line
-            tokens += row.cost
+    refused: list[uuid.UUID] = []
+    try:
+        with session_scope() as session:
+            return _gather(session, route, upstream, refused)
+    finally:
         if refused:
-            session.execute(update(Job).where(Job.id.in_(refused)).values(offload_refused=True))
             jobs.poke()
-        if not chosen:
-            return None
-        row_id = uuid.uuid4()
-        session.add(
-            UpstreamBatch(
-                id=row_id,
-                route=route.limit_key,
-                model=route.model,
-                provider=upstream.name,
-                status="building",
-                items=len(chosen),
-                enqueued_tokens=tokens,
-                lease_expires_at=func.now() + _LEASE,
-            )
+
+
+def _gather(
+    session: Any, route: Route, upstream: BatchUpstream, refused: list[uuid.UUID]
+) -> Gathered | None:
+    budget = None
+    if route.offload_enqueued_tokens is not None:
+        # One gather per route at a time, so two beats cannot both spend the budget.
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+            {"key": f"offload:{route.limit_key}"},
         )
-        session.flush()
-        claimed = offloaded.claim_offloaded(session, chosen, row_id)
-        log.info("offload: %d jobs gathered for %s", len(claimed), route.model)
-        return Gathered(row_id, len(claimed), tokens)
+        budget = route.offload_enqueued_tokens - _held_tokens(session, route)
+    full = budget is not None and budget <= 0
+    rows = session.execute(
+        _ELIGIBLE,
+        {
+            "queue": get_settings().queue_name,
+            "model": route.model,
+            "min_deadline": float(route.offload_min_deadline),
+            "limit": upstream.max_items,
+            "unchecked_only": full,
+        },
+    ).all()
+    chosen: list[uuid.UUID] = []
+    checked: list[uuid.UUID] = []
+    size = tokens = 0
+    for row in rows:
+        if full and row.offload_refused is not None:
+            continue  # checked on an earlier pass, and there is no room for it now
+        try:
+            line = len(upstream.encode(_item(route, row.id, row.request)))
+        except NotOffloadable as exc:
+            # Never offloaded from now on: the dispatcher runs it synchronously.
+            log.info("offload: job %s runs synchronously: %s", row.id, exc)
+            refused.append(row.id)
+            continue
+        except Exception:
+            # A shape the translation did not foresee: this job runs synchronously, where
+            # the request is checked as any other; the route's other jobs go on.
+            log.exception("offload: job %s could not be encoded; it runs synchronously", row.id)
+            refused.append(row.id)
+            continue
+        # Oldest first: once one does not fit, no younger one goes ahead of it.
+        full = full or size + line > upstream.max_bytes
+        full = full or (budget is not None and tokens + row.cost > budget)
+        if full:
+            if row.offload_refused is None:
+                checked.append(row.id)
+            continue
+        chosen.append(row.id)
+        size += line
+        tokens += row.cost
+    if refused:
+        session.execute(update(Job).where(Job.id.in_(refused)).values(offload_refused=True))
+    if checked:
+        session.execute(update(Job).where(Job.id.in_(checked)).values(offload_refused=False))
+    if not chosen:
+        return None
+    row_id = uuid.uuid4()
+    session.add(
+        UpstreamBatch(
+            id=row_id,
+            route=route.limit_key,
+            model=route.model,
+            provider=upstream.name,
+            status="building",
+            items=len(chosen),
+            enqueued_tokens=tokens,
+            lease_expires_at=func.now() + _LEASE,
+        )
+    )
+    session.flush()
+    claimed = offloaded.claim_offloaded(session, chosen, row_id)
+    log.info("offload: %d jobs gathered for %s", len(claimed), route.model)
+    return Gathered(row_id, len(claimed), tokens)
 
 
 def _item(route: Route, job_id: uuid.UUID, request: dict[str, Any]) -> Item:
@@ -163,38 +199,38 @@ def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
         row = session.get(UpstreamBatch, row_id)
         if row is None or row.status != "building":
             return None
-        route = route_for(row.model).batch_route()
-        # Set before the first create goes out: a row that has it may have an upstream batch.
-        tried_since = row.submit_started_at
-        if tried_since is None:
-            row.submit_started_at = session.scalar(select(func.now()))
-        requests = session.execute(
-            select(Job.id, func.coalesce(Job.upstream_request, Job.request).label("request"))
-            .where(Job.upstream_batch_id == row_id, Job.claimed_by == offloaded.owner(row_id))
-            .order_by(Job.id)
-        ).all()
-        # Every job gathered into the row, as an earlier submit may have sent them.
-        gathered = [
-            str(job_id)
-            for job_id in session.scalars(
-                select(Job.id).where(Job.upstream_batch_id == row_id).order_by(Job.id)
+        provider, model = row.provider, row.model
+        earlier = None
+        if row.submit_started_at is not None:
+            # A create may have gone out and its answer been lost: look for it first.
+            gathered = session.scalars(select(Job.id).where(Job.upstream_batch_id == row_id))
+            taken = session.scalars(
+                select(UpstreamBatch.upstream_batch_id).where(
+                    UpstreamBatch.provider == provider,
+                    UpstreamBatch.upstream_batch_id.is_not(None),
+                    UpstreamBatch.created_at > row.submit_started_at - timedelta(days=2),
+                )
             )
-        ]
-    upstream = batch_upstream(route.offload or row.provider)
+            earlier = EarlierSubmit(
+                ref=str(row_id),
+                since=row.submit_started_at,
+                items=row.submit_items or 0,
+                job_ids=frozenset(str(job_id) for job_id in gathered),
+                taken=frozenset(str(batch_id) for batch_id in taken),
+            )
+    # The provider the row was gathered for, even if the models file has changed since.
+    upstream = batch_upstream(provider)
+    route = route_for(model).batch_route()
     own = client is None
     client = client or _client()
     try:
-        found = None
-        if tried_since is not None:
-            found = upstream.find(
-                client, route, ref=str(row_id), since=tried_since, job_ids=gathered
-            )
+        found = None if earlier is None else upstream.find(client, route, earlier)
         file_id = None
         if found is None:
-            if not requests:
+            encoded = _encode_or_hand_back(row_id, route, upstream)
+            if not encoded:
                 _end(row_id, "ended", "every item left before submission")
                 return None
-            encoded = [upstream.encode(_item(route, r.id, r.request)) for r in requests]
             submitted = upstream.submit(client, route, encoded, ref=str(row_id))
             found, file_id = submitted.upstream_batch_id, submitted.upstream_file_id
             if fault_after_create is not None:
@@ -218,6 +254,38 @@ def submit(row_id: uuid.UUID, client: httpx.Client | None = None) -> str | None:
             )
         )
     return found
+
+
+def _encode_or_hand_back(row_id: uuid.UUID, route: Route, upstream: BatchUpstream) -> list[bytes]:
+    """The row's requests still claimed, encoded; a job that no longer encodes (a new
+    version's translation) is handed back, marked to run synchronously. Commits when and
+    how many requests the create about to go out sends, before it goes out."""
+    encoded: list[bytes] = []
+    with session_scope() as session:
+        requests = session.execute(
+            select(Job.id, func.coalesce(Job.upstream_request, Job.request).label("request"))
+            .where(Job.upstream_batch_id == row_id, Job.claimed_by == offloaded.owner(row_id))
+            .order_by(Job.id)
+        ).all()
+        refused: list[uuid.UUID] = []
+        for r in requests:
+            try:
+                encoded.append(upstream.encode(_item(route, r.id, r.request)))
+            except Exception as exc:
+                log.warning("offload: job %s no longer encodes (%s); runs here", r.id, exc)
+                refused.append(r.id)
+        if refused:
+            claims = offloaded.offloaded_claims(session, row_id)
+            for job_id in refused:
+                if str(job_id) in claims:
+                    offloaded.hand_back(session, claims[str(job_id)])
+            session.execute(update(Job).where(Job.id.in_(refused)).values(offload_refused=True))
+        session.execute(
+            update(UpstreamBatch)
+            .where(UpstreamBatch.id == row_id)
+            .values(submit_started_at=func.now(), submit_items=len(encoded))
+        )
+    return encoded
 
 
 def _end(row_id: uuid.UUID, status: str, error: str | None = None) -> None:
@@ -266,8 +334,11 @@ def submit_pass(retry_delay: RetryDelay, client: httpx.Client | None = None) -> 
     """Submit every ``building`` row no one holds (a crashed pass's included)."""
     done = 0
     for row_id in _take([UpstreamBatch.status == "building"]):
-        if _submit_or_refuse(row_id, retry_delay, client):
-            done += 1
+        try:
+            done += _submit_or_refuse(row_id, retry_delay, client)
+        except Exception:
+            # Left to a later pass (its lease runs out); the other rows go on.
+            log.exception("offload: submitting %s failed", row_id)
     return done
 
 
@@ -340,17 +411,23 @@ def poll(row_id: uuid.UUID, client: httpx.Client, retry_delay: RetryDelay) -> in
         row = session.get(UpstreamBatch, row_id)
         if row is None or row.status != "submitted" or row.upstream_batch_id is None:
             return 0
-        route, upstream_id, cancel_requested = (
+        route, upstream_id, cancel_requested, provider = (
             route_for(row.model).batch_route(),
             row.upstream_batch_id,
             row.cancel_requested,
+            row.provider,
         )
+        # Its items still waiting on it (not cancelled, not handed back).
         live = session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(Job.upstream_batch_id == row_id, Job.status != JobStatus.cancelled)
+            .where(
+                Job.upstream_batch_id == row_id,
+                Job.status == JobStatus.running,
+                Job.claimed_by == offloaded.owner(row_id),
+            )
         )
-    upstream = batch_upstream(route.offload or "openai-batch")
+    upstream = batch_upstream(provider)
     if not live and not cancel_requested:
         upstream.cancel(client, route, upstream_id)
         with session_scope() as session:
@@ -410,7 +487,8 @@ def apply(
             for claim, result in pending:
                 status = _apply_one(session, claim, result, latency_ms, retry_delay)
                 counts[status] = counts.get(status, 0) + 1
-                if status != "stale" and not status.startswith("recorded already"):
+                # A re-run of this row's results (a crashed pass) was counted the first time.
+                if not status.startswith("recorded already"):
                     written.append((claim, result))
         pending.clear()
         _count(written)
@@ -434,10 +512,17 @@ def apply(
 
 
 def _count(written: list[tuple[Claim, Result]]) -> None:
-    """The metrics of results written: what the upstream said, and the tokens it used."""
+    """The metrics of results applied (a job cancelled meanwhile included: its tokens were
+    used): what the upstream said, and the tokens it used."""
     for claim, result in written:
         model = metrics.model(claim.model)
-        outcome = "succeeded" if result.completion else "errored" if result.error else "unfinished"
+        if result.completion is not None:
+            outcome = "succeeded"
+        elif result.error is not None:
+            refused = result.error.code == "batch_refused"
+            outcome = "not_submitted" if refused else "errored"
+        else:
+            outcome = "unfinished"
         metrics.inc("chatjobs_offload_results", model, outcome)
         if result.completion is None:
             continue
@@ -487,14 +572,22 @@ def gather_pass(retry_delay: RetryDelay) -> int:
     """Gather and submit for every offload route; returns upstream batches submitted."""
     submitted = 0
     for route in offload_routes():
-        while True:
-            gathered = gather(route)
-            if gathered is None:
-                break
-            if _submit_or_refuse(gathered.row_id, retry_delay):
-                submitted += 1
-            else:
-                break
-            if gathered.items < batch_upstream(route.offload or "").max_items:
-                break
+        try:
+            submitted += _gather_route(route, retry_delay)
+        except Exception:
+            # One route's trouble (its database work, a bug) leaves the others' alone.
+            log.exception("offload: gathering for %s failed", route.model)
     return submitted + submit_pass(retry_delay)
+
+
+def _gather_route(route: Route, retry_delay: RetryDelay) -> int:
+    submitted = 0
+    while True:
+        gathered = gather(route)
+        if gathered is None:
+            return submitted
+        if not _submit_or_refuse(gathered.row_id, retry_delay):
+            return submitted
+        submitted += 1
+        if gathered.items < batch_upstream(route.offload or "").max_items:
+            return submitted

@@ -35,6 +35,18 @@ class Item:
     max_output_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class EarlierSubmit:
+    """What ``find`` knows of a submit that may have created an upstream batch before its
+    answer was recorded."""
+
+    ref: str  # the chatjobs row's id (in the upstream batch's metadata, where it has any)
+    since: datetime  # just before that submit's create went out (chatjobs' clock)
+    items: int  # how many requests it sent
+    job_ids: frozenset[str]  # every job the row was gathered with (the custom_ids it may hold)
+    taken: frozenset[str]  # upstream batch ids other rows recorded: never this row's
+
+
 class NotOffloadable(ValueError):
     """``encode``: this request cannot be expressed faithfully in the upstream's batch
     format (the message says which field and why); the job runs synchronously instead."""
@@ -102,19 +114,9 @@ class BatchUpstream(Protocol):
         ``find`` it again instead of creating a second one."""
         ...
 
-    def find(
-        self,
-        client: httpx.Client,
-        route: Route,
-        *,
-        ref: str,
-        since: datetime,
-        job_ids: Sequence[str],
-    ) -> str | None:
-        """The id of the upstream batch an earlier ``submit`` of ``ref`` created (none made
-        before ``since`` needs looking at; ``job_ids`` are the items it was given, in order,
-        for an upstream whose batches carry no metadata), or None if there is none. Called
-        only when an earlier submit of this row may have reached the upstream."""
+    def find(self, client: httpx.Client, route: Route, earlier: EarlierSubmit) -> str | None:
+        """The id of the upstream batch an earlier ``submit`` of this row created, or None if
+        there is none. Called only when an earlier submit may have reached the upstream."""
         ...
 
     def poll(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> UpstreamBatch:

@@ -4,11 +4,13 @@ Revision ID: 0016
 Revises: 0015
 Create Date: 2026-12-01 11:00:00
 
-``jobs.offload_refused``: the route's batch upstream cannot express this request faithfully
-(Anthropic: ``n > 1``, images, ``response_format``...), so it runs synchronously even when
-its deadline would allow offloading. ``upstream_batches.submit_started_at``: set before the
-first create request is sent; a row that has it may already have an upstream batch, so a
-later pass looks for that batch before creating one (a row that has not never does).
+``jobs.offload_refused``: whether the route's batch upstream can run this request as asked:
+NULL until an offload gather has looked; true when it cannot (Anthropic: ``n > 1``, images,
+``response_format``...), and the job runs synchronously even when its deadline would allow
+offloading. ``upstream_batches.submit_started_at`` and ``submit_items``: set before a create
+request is sent (when, and how many requests); a row that has them may already have an
+upstream batch, so a later pass looks for that batch before creating one. Rows building
+already are given their creation time, as the code before looked for every row's batch.
 """
 
 from __future__ import annotations
@@ -25,16 +27,19 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "jobs",
-        sa.Column("offload_refused", sa.Boolean(), nullable=False, server_default="false"),
-    )
+    op.add_column("jobs", sa.Column("offload_refused", sa.Boolean(), nullable=True))
     op.add_column(
         "upstream_batches",
         sa.Column("submit_started_at", sa.DateTime(timezone=True), nullable=True),
     )
+    op.add_column("upstream_batches", sa.Column("submit_items", sa.Integer(), nullable=True))
+    op.execute(
+        "UPDATE upstream_batches SET submit_started_at = created_at, submit_items = items"
+        " WHERE status = 'building'"
+    )
 
 
 def downgrade() -> None:
+    op.drop_column("upstream_batches", "submit_items")
     op.drop_column("upstream_batches", "submit_started_at")
     op.drop_column("jobs", "offload_refused")

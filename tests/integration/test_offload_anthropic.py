@@ -25,7 +25,7 @@ MODEL = "claude-offload"
 UPSTREAM_MODEL = "claude-sonnet-4-5"
 
 
-def models_file(path: Path, simulator: str) -> Path:
+def models_file(path: Path, simulator: str, **extra: Any) -> Path:
     # Anthropic's OpenAI-compatible endpoint and its Message Batches share one base URL and
     # key; here the simulator plays both.
     path.write_text(
@@ -38,6 +38,7 @@ def models_file(path: Path, simulator: str) -> Path:
                 'offload = "anthropic-batch"',
                 "input_per_mtok = 3.0",
                 "output_per_mtok = 15.0",
+                *(f"{key} = {value}" for key, value in extra.items()),
             ]
         )
         + "\n"
@@ -70,10 +71,11 @@ def upstream_batches(simulator: str) -> list[dict[str, Any]]:
 def anthropic_stack(
     make_stack: Callable[..., MiniStack], simulator: str, tmp_path: Path
 ) -> Callable[..., MiniStack]:
-    def stack(beat: bool = False, **env: str) -> MiniStack:
+    def stack(beat: bool = False, route: dict[str, Any] | None = None, **env: str) -> MiniStack:
+        path = models_file(tmp_path / "models.toml", simulator, **(route or {}))
         return make_stack(
             env={
-                "CHATJOBS_MODELS_FILE": str(models_file(tmp_path / "models.toml", simulator)),
+                "CHATJOBS_MODELS_FILE": str(path),
                 "ANTHROPIC_TEST_KEY": "sk-ant-test",
                 "CHATJOBS_TENANT_SUBMIT_RPS": "0",
                 **FAST,
@@ -93,15 +95,18 @@ def test_long_deadline_jobs_go_to_message_batches_and_the_rest_run_here(
     with stack.client(new_key()) as client:
         long = [submit(client, f"{marker}-long-{i}", 48) for i in range(30)]
         refused = submit(client, f"{marker}-two", 48, n=2)
+        # Anthropic answers 400 to a stop sequence of only whitespace: run here instead.
+        newline = submit(client, f"{marker}-newline", 48, stop=["\n"])
         invalid = submit(client, f"{marker}-bad", 48, x_sim={"status": 400})
         short = submit(client, f"{marker}-short", 1)
         # No beat yet: the dispatcher runs the short one and leaves the offload-eligible ones.
         assert wait_job(client, short, timeout=60)["status"] == "succeeded"
-        assert statuses([*long, refused, invalid]) == {"queued": 32}
+        assert statuses([*long, refused, newline, invalid]) == {"queued": 33}
         start_beat(stack)
         # n = 2 is refused by the encoder: marked, then run here (two choices, as asked).
         done = wait_job(client, refused, timeout=60)
         assert done["status"] == "succeeded" and len(done["result"]["choices"]) == 2
+        assert wait_job(client, newline, timeout=60)["status"] == "succeeded"
         wait_until(lambda: statuses(long) == {"succeeded": 30}, 90, "the offloaded jobs")
         failed = wait_job(client, invalid, timeout=30)
     # One Message Batch held the 30 and the invalid one; the refused job was never in it.
@@ -138,10 +143,11 @@ def test_long_deadline_jobs_go_to_message_batches_and_the_rest_run_here(
     here = sql(
         "SELECT j.id, j.offload_refused, j.upstream_batch_id, c.offloaded FROM jobs j"
         " JOIN upstream_calls c ON c.job_id = j.id WHERE j.id = ANY(CAST(:ids AS uuid[]))",
-        ids=[refused, short],
+        ids=[refused, newline, short],
     )
     flags = {str(r.id): r.offload_refused for r in here}
-    assert flags == {refused: True, short: False}
+    # The short one was never looked at by the offload (None): its deadline is too near.
+    assert flags == {refused: True, newline: True, short: None}
     assert not any(r.offloaded or r.upstream_batch_id for r in here)
 
 
@@ -211,3 +217,23 @@ def test_a_crash_between_create_and_record_finds_the_message_batch_without_metad
     (row,) = rows_for(ids)
     (ours,) = set(created) - set(made)
     assert row.status == "submitted" and row.upstream_batch_id == ours
+
+
+def test_a_job_anthropic_cannot_run_is_not_held_back_by_a_full_token_budget(
+    anthropic_stack: Callable[..., MiniStack],
+) -> None:
+    # A budget smaller than any job: nothing is ever offloaded, and every eligible job waits.
+    stack = anthropic_stack(beat=True, route={"offload_enqueued_tokens": 1})
+    marker = uuid.uuid4().hex[:8]
+    with stack.client(new_key()) as client:
+        waiting = [submit(client, f"{marker}-wait-{i}", 48) for i in range(3)]
+        refused = submit(client, f"{marker}-two", 48, n=2)
+        done = wait_job(client, refused, timeout=60)
+    assert done["status"] == "succeeded" and len(done["result"]["choices"]) == 2
+    assert statuses(waiting) == {"queued": 3}
+    assert rows_for(waiting) == []
+    flags = sql(
+        "SELECT offload_refused FROM jobs WHERE id = ANY(CAST(:ids AS uuid[]))", ids=waiting
+    )
+    # Looked at once (they would go), then left alone until there is room.
+    assert [r.offload_refused for r in flags] == [False, False, False]

@@ -14,8 +14,12 @@ from chatjobs.errors import UpstreamStatusError, is_retryable
 from chatjobs.limiter import Limits
 from chatjobs.offload import available, batch_upstream
 from chatjobs.offload.openai_batch import OpenAIBatch, line_result
-from chatjobs.offload.upstream import Item
+from chatjobs.offload.upstream import EarlierSubmit, Item
 from chatjobs.routing import ModelsFileError, Route, load_models_file
+
+
+def earlier(ref: str, since: datetime) -> EarlierSubmit:
+    return EarlierSubmit(ref=ref, since=since, items=1, job_ids=frozenset(), taken=frozenset())
 
 
 def test_a_line_carries_the_job_id_and_the_request_never_streamed() -> None:
@@ -67,8 +71,8 @@ def test_find_pages_back_until_the_row_is_older_than_the_listing() -> None:
     route = Route(model="m", base_url="http://up/v1", api_key_env=None, limits=Limits(1, 1, 1))
     with httpx.Client(transport=httpx.MockTransport(answer)) as client:
         since = datetime.fromtimestamp(100, UTC)
-        assert OpenAIBatch().find(client, route, ref="r", since=since, job_ids=[]) == "b2"
-        assert OpenAIBatch().find(client, route, ref="other", since=since, job_ids=[]) is None
+        assert OpenAIBatch().find(client, route, earlier("r", since)) == "b2"
+        assert OpenAIBatch().find(client, route, earlier("other", since)) is None
     assert seen == [None, "b3", None, "b3", "b2"]
 
 

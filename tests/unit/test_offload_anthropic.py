@@ -23,7 +23,7 @@ from chatjobs.offload.anthropic_batch import (
     errored,
     line_result,
 )
-from chatjobs.offload.upstream import Item, NotOffloadable, UpstreamBatch
+from chatjobs.offload.upstream import EarlierSubmit, Item, NotOffloadable, UpstreamBatch
 from chatjobs.routing import Route
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "anthropic"
@@ -299,6 +299,95 @@ def test_messages_anthropic_cannot_carry_are_refused(message: dict[str, Any], fi
     assert field in refused(messages=[message])
 
 
+def _call(**fields: Any) -> dict[str, Any]:
+    call: dict[str, Any] = {"id": "c1", "type": "function", "function": {"name": "f"}}
+    function = {**call["function"], **fields.pop("function", {})}
+    return {**call, **fields, "function": function}
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"stop": 5}, "stop"),
+        ({"stop": ["ok", 5]}, "stop"),
+        ({"stop": "\n"}, "stop"),
+        ({"stop": ["END", " "]}, "stop"),
+        ({"stop": [""]}, "stop"),
+        ({"max_tokens": "abc"}, "max_tokens"),
+        ({"max_tokens": [1]}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"tools": [{"type": "function", "function": {"name": 5}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+            "parameters",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [_call(function={"arguments": {"a": 1}})]},
+                ]
+            },
+            "arguments",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [_call(function={"arguments": 3})]},
+                ]
+            },
+            "arguments",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{**_call(), "id": None}]},
+                ]
+            },
+            "tool_calls[0].id",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [_call(function={"name": None})]},
+                ]
+            },
+            "function.name",
+        ),
+        ({"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [None]}, "messages[0]"),
+    ],
+)
+def test_odd_shapes_are_refused_naming_the_field_never_another_error(
+    request_fields: dict[str, Any], field: str
+) -> None:
+    # Anything but NotOffloadable would stop the route's gather (it is caught there too).
+    assert field in refused(**request_fields)
+
+
+def test_a_user_turns_tool_results_come_before_its_text() -> None:
+    out = params(
+        messages=[
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call()]},
+            {"role": "user", "content": "and be quick"},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+    )
+    last = out["messages"][-1]
+    assert last["role"] == "user"
+    assert [block["type"] for block in last["content"]] == ["tool_result", "text"]
+
+
 # --- results ----------------------------------------------------------------------------
 
 
@@ -321,7 +410,12 @@ def test_a_succeeded_message_becomes_a_chat_completion_with_its_usage() -> None:
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"].startswith("Hello! How can I assist you today?")
     assert "tool_calls" not in choice["message"]
-    assert completion["usage"] == {"prompt_tokens": 10, "completion_tokens": 34, "total_tokens": 44}
+    assert completion["usage"] == {
+        "prompt_tokens": 10,
+        "completion_tokens": 34,
+        "total_tokens": 44,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def succeeded(message: dict[str, Any]) -> dict[str, Any]:
@@ -381,7 +475,7 @@ def test_stop_reasons_map_to_finish_reasons(stop_reason: str, finish_reason: str
     assert completion["choices"][0]["finish_reason"] == finish_reason
 
 
-def test_cache_tokens_count_as_prompt_tokens() -> None:
+def test_cache_tokens_count_as_prompt_tokens_and_cache_reads_as_cached() -> None:
     usage = {
         "input_tokens": 5,
         "output_tokens": 7,
@@ -392,6 +486,7 @@ def test_cache_tokens_count_as_prompt_tokens() -> None:
         "prompt_tokens": 125,
         "completion_tokens": 7,
         "total_tokens": 132,
+        "prompt_tokens_details": {"cached_tokens": 20},
     }
 
 
@@ -632,9 +727,12 @@ def lister(
     return handler, cursors
 
 
-def find(handler: Handler) -> str | None:
+def find(handler: Handler, taken: frozenset[str] = frozenset()) -> str | None:
+    earlier = EarlierSubmit(
+        ref="row", since=SINCE, items=len(JOBS), job_ids=frozenset(JOBS), taken=taken
+    )
     with client_for(handler) as client:
-        return AnthropicBatch().find(client, ROUTE, ref="row", since=SINCE, job_ids=JOBS)
+        return AnthropicBatch().find(client, ROUTE, earlier)
 
 
 def test_find_takes_the_ended_batch_whose_results_name_the_rows_jobs() -> None:
@@ -718,6 +816,27 @@ def test_find_ignores_an_ended_batch_of_the_same_size_holding_other_jobs() -> No
     later = SINCE + timedelta(seconds=5)
     handler, _ = lister([[batch("theirs", later, 3, "ended")]], {"theirs": "job-z"})
     assert find(handler) is None
+
+
+def test_find_never_takes_a_batch_another_row_recorded() -> None:
+    later = SINCE + timedelta(seconds=5)
+    handler, _ = lister([[batch("recorded", later, 3), batch("mine", later, 3)]])
+    assert find(handler, taken=frozenset({"recorded"})) == "mine"
+    alone, _ = lister([[batch("recorded", later, 3)]])
+    assert find(alone, taken=frozenset({"recorded"})) is None
+
+
+def test_find_looks_for_as_many_requests_as_the_create_sent() -> None:
+    # Four jobs gathered, one cancelled before the create: it sent three.
+    later = SINCE + timedelta(seconds=5)
+    handler, _ = lister(
+        [[batch("four", later, 4), batch("mine", later, 3, "ended")]], {"mine": "x"}
+    )
+    earlier = EarlierSubmit(
+        ref="row", since=SINCE, items=3, job_ids=frozenset({*JOBS, "x"}), taken=frozenset()
+    )
+    with client_for(handler) as client:
+        assert AnthropicBatch().find(client, ROUTE, earlier) == "mine"
 
 
 def test_the_registry_names_this_implementation() -> None:

@@ -20,7 +20,7 @@ import uvicorn
 from chatjobs.errors import is_retryable
 from chatjobs.limiter import Limits
 from chatjobs.offload.anthropic_batch import AnthropicBatch
-from chatjobs.offload.upstream import Item
+from chatjobs.offload.upstream import EarlierSubmit, Item
 from chatjobs.routing import Route
 from chatjobs.simulator import SimConfig, count_text_tokens, create_app
 
@@ -351,15 +351,22 @@ def test_round_trip_anthropic_batch_against_the_simulator(monkeypatch: pytest.Mo
             )
             for i in range(len(jobs))
         ]
-        upstream.submit(client, route, other, ref="row-other")
+        taken = upstream.submit(client, route, other, ref="row-other").upstream_batch_id
         time.sleep(0.4)
         since = datetime.now(UTC)
-        assert upstream.find(client, route, ref="row", since=since, job_ids=list(jobs)) is None
+        earlier = EarlierSubmit(
+            ref="row",
+            since=since,
+            items=len(jobs),
+            job_ids=frozenset(jobs),
+            taken=frozenset({taken}),
+        )
+        assert upstream.find(client, route, earlier) is None
 
         submitted = upstream.submit(client, route, encoded, ref="row")
         batch_id = submitted.upstream_batch_id
         # Unfinished and the only candidate since the row's submit: found.
-        assert upstream.find(client, route, ref="row", since=since, job_ids=list(jobs)) == batch_id
+        assert upstream.find(client, route, earlier) == batch_id
         polled = upstream.poll(client, route, batch_id)
         assert (polled.status, polled.ended) == ("in_progress", False)
         deadline = time.monotonic() + 10
@@ -369,7 +376,7 @@ def test_round_trip_anthropic_batch_against_the_simulator(monkeypatch: pytest.Mo
             polled = upstream.poll(client, route, batch_id)
         assert polled.status == "ended" and polled.output_ref
         # Ended: proved by its results.
-        assert upstream.find(client, route, ref="row", since=since, job_ids=list(jobs)) == batch_id
+        assert upstream.find(client, route, earlier) == batch_id
         got = {r.job_id: r for r in upstream.results(client, route, polled)}
         upstream.cancel(client, route, batch_id)  # ended: no error
 
