@@ -237,3 +237,42 @@ def test_a_job_anthropic_cannot_run_is_not_held_back_by_a_full_token_budget(
     )
     # Looked at once (they would go), then left alone until there is room.
     assert [r.offload_refused for r in flags] == [False, False, False]
+
+
+def test_an_encoder_bug_on_one_job_leaves_the_routes_other_jobs_going(
+    anthropic_stack: Callable[..., MiniStack], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatjobs.offload import service
+    from chatjobs.offload.anthropic_batch import AnthropicBatch
+    from chatjobs.offload.upstream import Item
+    from chatjobs.routing import model_entries, route_for
+    from chatjobs.settings import get_settings
+
+    stack = anthropic_stack()
+    marker = uuid.uuid4().hex[:8]
+    with stack.client(new_key()) as client:
+        ids = [submit(client, f"{marker}-ok-{i}", 48) for i in range(3)]
+        odd = submit(client, f"{marker}-odd", 48)
+    for name in ("CHATJOBS_MODELS_FILE", "ANTHROPIC_TEST_KEY", "CHATJOBS_QUEUE_NAME"):
+        monkeypatch.setenv(name, stack.env[name])
+    get_settings.cache_clear()
+    model_entries.cache_clear()
+    encode = AnthropicBatch.encode
+
+    def buggy(self: AnthropicBatch, item: Item) -> bytes:
+        if item.job_id == odd:
+            raise TypeError("a shape nobody foresaw")
+        return encode(self, item)
+
+    monkeypatch.setattr(AnthropicBatch, "encode", buggy)
+    try:
+        gathered = service.gather(route_for(MODEL))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        model_entries.cache_clear()
+    assert gathered is not None and gathered.items == 3
+    (row,) = rows_for(ids)
+    assert row.status == "building"
+    (flag,) = sql("SELECT offload_refused FROM jobs WHERE id = :id", id=odd)
+    assert flag.offload_refused is True and rows_for([odd]) == []
