@@ -184,5 +184,6 @@ def test_metrics_after_a_run_hold_every_family_with_its_samples(
     for labels, _ in (s for series in samples.values() for s in series):
         assert "job_id" not in labels and "id" not in labels
     # Every series the Grafana dashboard (deploy/grafana) queries is in this scrape, but for
-    # those only an offload route has (tests/integration/test_offload.py scrapes them).
-    assert dashboard_metrics() - set(samples) == OFFLOAD_ONLY
+    # those only an offload route has (tests/integration/test_offload.py scrapes them; rows
+    # an earlier test of the session left may show here too).
+    assert dashboard_metrics() - set(samples) <= OFFLOAD_ONLY
