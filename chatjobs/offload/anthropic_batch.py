@@ -37,11 +37,9 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from chatjobs.errors import (
-    UpstreamConnectionError,
     UpstreamError,
     UpstreamMalformedResponse,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
 from chatjobs.offload.upstream import (
     EarlierSubmit,
@@ -50,6 +48,8 @@ from chatjobs.offload.upstream import (
     Result,
     Submitted,
     UpstreamBatch,
+    send,
+    stream_results,
 )
 from chatjobs.providers.base import error_payload, join_url, request_id, retry_after
 from chatjobs.scrub import scrub_configured
@@ -155,23 +155,8 @@ def anthropic_error(
 
 
 def _send(client: httpx.Client, method: str, url: str, api_key: str, **kwargs: Any) -> Any:
-    """One control-plane request; its JSON answer, or the UpstreamError it comes to."""
-    try:
-        headers = {**_headers(api_key), **kwargs.pop("headers", {})}
-        response = client.request(method, url, headers=headers, **kwargs)
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"{method} {url}: timed out") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamConnectionError(f"{method} {url}: {type(exc).__name__}") from exc
-    if not response.is_success:
-        raise anthropic_error(response.status_code, response.headers, response.content)
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise UpstreamMalformedResponse(
-            f"{method} {url}: answered {response.status_code} with a body that is not JSON",
-            status_code=response.status_code,
-        ) from exc
+    headers = {**_headers(api_key), **kwargs.pop("headers", {})}
+    return send(client, method, url, headers, anthropic_error, **kwargs)
 
 
 # --- OpenAI request -> Messages params ------------------------------------------------------
@@ -659,26 +644,7 @@ class AnthropicBatch:
 
     def _stream(self, client: httpx.Client, route: Route, url: str) -> Generator[Result]:
         """The results file at ``url``, line by line (never the whole file in memory)."""
-        try:
-            with client.stream("GET", url, headers=_headers(route.api_key())) as response:
-                if not response.is_success:
-                    response.read()
-                    raise anthropic_error(response.status_code, response.headers, response.content)
-                for text in response.iter_lines():
-                    if not text.strip():
-                        continue
-                    try:
-                        line = json.loads(text)
-                    except ValueError:
-                        continue
-                    if isinstance(line, dict):
-                        result = line_result(line)
-                        if result is not None:
-                            yield result
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"GET {url}: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamConnectionError(f"GET {url}: {type(exc).__name__}") from exc
+        return stream_results(client, url, _headers(route.api_key()), anthropic_error, line_result)
 
     def cancel(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> None:
         url = join_url(route.base_url, f"messages/batches/{upstream_batch_id}/cancel")

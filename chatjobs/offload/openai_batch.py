@@ -17,12 +17,18 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from chatjobs.errors import (
-    UpstreamConnectionError,
     UpstreamMalformedResponse,
     UpstreamStatusError,
-    UpstreamTimeout,
 )
-from chatjobs.offload.upstream import EarlierSubmit, Item, Result, Submitted, UpstreamBatch
+from chatjobs.offload.upstream import (
+    EarlierSubmit,
+    Item,
+    Result,
+    Submitted,
+    UpstreamBatch,
+    send,
+    stream_results,
+)
 from chatjobs.providers.base import bearer, join_url
 from chatjobs.providers.openai import openai_body, openai_error
 
@@ -39,22 +45,7 @@ _PAGE = 100
 
 
 def _send(client: httpx.Client, method: str, url: str, api_key: str, **kwargs: Any) -> Any:
-    """One control-plane request; its JSON answer, or the UpstreamError it comes to."""
-    try:
-        response = client.request(method, url, headers=bearer(api_key), **kwargs)
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"{method} {url}: timed out") from exc
-    except httpx.HTTPError as exc:
-        raise UpstreamConnectionError(f"{method} {url}: {type(exc).__name__}") from exc
-    if not response.is_success:
-        raise openai_error(response.status_code, response.headers, response.content)
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise UpstreamMalformedResponse(
-            f"{method} {url}: answered {response.status_code} with a body that is not JSON",
-            status_code=response.status_code,
-        ) from exc
+    return send(client, method, url, bearer(api_key), openai_error, **kwargs)
 
 
 def line_result(line: dict[str, Any]) -> Result | None:
@@ -191,26 +182,7 @@ class OpenAIBatch:
 
     def _file_results(self, client: httpx.Client, route: Route, file_id: str) -> Iterator[Result]:
         url = join_url(route.base_url, f"files/{file_id}/content")
-        try:
-            with client.stream("GET", url, headers=bearer(route.api_key())) as response:
-                if not response.is_success:
-                    response.read()
-                    raise openai_error(response.status_code, response.headers, response.content)
-                for text in response.iter_lines():
-                    if not text.strip():
-                        continue
-                    try:
-                        line = json.loads(text)
-                    except ValueError:
-                        continue
-                    if isinstance(line, dict):
-                        result = line_result(line)
-                        if result is not None:
-                            yield result
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"GET {url}: timed out") from exc
-        except httpx.HTTPError as exc:
-            raise UpstreamConnectionError(f"GET {url}: {type(exc).__name__}") from exc
+        return stream_results(client, url, bearer(route.api_key()), openai_error, line_result)
 
     def cancel(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> None:
         url = join_url(route.base_url, f"batches/{upstream_batch_id}/cancel")

@@ -11,16 +11,26 @@ so the caller's retry decision is the one ``is_retryable`` makes everywhere else
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from chatjobs.errors import (
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamMalformedResponse,
+    UpstreamTimeout,
+)
+
 if TYPE_CHECKING:
-    from chatjobs.errors import UpstreamError
     from chatjobs.routing import Route
+
+# The provider's error for an answer that is not a success: (status, headers, body) -> error.
+ErrorOf = Callable[[int, httpx.Headers, bytes], UpstreamError]
 
 
 @dataclass(frozen=True)
@@ -132,3 +142,60 @@ class BatchUpstream(Protocol):
     def cancel(self, client: httpx.Client, route: Route, upstream_batch_id: str) -> None:
         """Ask the upstream to cancel the batch (idempotent; an ended batch is no error)."""
         ...
+
+
+def send(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    error_of: ErrorOf,
+    **kwargs: Any,
+) -> Any:
+    """One control-plane request; its JSON answer, or the UpstreamError it comes to."""
+    try:
+        response = client.request(method, url, headers=dict(headers), **kwargs)
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"{method} {url}: timed out") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamConnectionError(f"{method} {url}: {type(exc).__name__}") from exc
+    if not response.is_success:
+        raise error_of(response.status_code, response.headers, response.content)
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise UpstreamMalformedResponse(
+            f"{method} {url}: answered {response.status_code} with a body that is not JSON",
+            status_code=response.status_code,
+        ) from exc
+
+
+def stream_results(
+    client: httpx.Client,
+    url: str,
+    headers: Mapping[str, str],
+    error_of: ErrorOf,
+    result_of: Callable[[dict[str, Any]], Result | None],
+) -> Generator[Result]:
+    """A JSONL results file, line by line (never the whole file in memory): each object
+    line's outcome as ``result_of`` reads it; blank, non-JSON and unreadable lines skipped."""
+    try:
+        with client.stream("GET", url, headers=dict(headers)) as response:
+            if not response.is_success:
+                response.read()
+                raise error_of(response.status_code, response.headers, response.content)
+            for text in response.iter_lines():
+                if not text.strip():
+                    continue
+                try:
+                    line = json.loads(text)
+                except ValueError:
+                    continue
+                if isinstance(line, dict):
+                    result = result_of(line)
+                    if result is not None:
+                        yield result
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeout(f"GET {url}: timed out") from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamConnectionError(f"GET {url}: {type(exc).__name__}") from exc

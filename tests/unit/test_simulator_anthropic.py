@@ -6,16 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from chatjobs.errors import is_retryable
 from chatjobs.limiter import Limits
@@ -23,6 +20,7 @@ from chatjobs.offload.anthropic_batch import AnthropicBatch
 from chatjobs.offload.upstream import EarlierSubmit, Item
 from chatjobs.routing import Route
 from chatjobs.simulator import SimConfig, count_text_tokens, create_app
+from tests.unit.test_simulator import running_server
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -276,30 +274,6 @@ def test_the_delay_and_expire_knobs_come_from_the_environment() -> None:
 
 
 # --- a round trip over real HTTP -------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def running_server(config: SimConfig) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config), log_level="warning", access_log=False, lifespan="off", ws="none"
-        )
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "simulator did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_round_trip_anthropic_batch_against_the_simulator(monkeypatch: pytest.MonkeyPatch) -> None:
