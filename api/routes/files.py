@@ -148,15 +148,20 @@ async def create_file(
     return stored
 
 
+# A query value with NUL is refused before any route (api/request_id.py): the document says so.
+_NO_NUL = r"^[^\x00]*$"
+
+
 @router.get("", response_model=FileList)
 def list_files(
     tenant_id: TenantDep,
     after: Annotated[
-        str | None, Query(max_length=64, description="last id of the previous page")
+        str | None,
+        Query(max_length=64, pattern=_NO_NUL, description="last id of the previous page"),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
-    purpose: Annotated[str | None, Query(max_length=32)] = None,
+    purpose: Annotated[str | None, Query(max_length=32, pattern=_NO_NUL)] = None,
 ) -> FileList:
     """The tenant's files by creation (newest first unless `order=asc`), with cursor
     pagination."""
