@@ -828,6 +828,11 @@ def _parse_request(body: object) -> _ChatRequest:
     )
 
 
+def _body_field(call: dict[str, Any], name: str) -> Any:
+    body = call.get("body")
+    return body.get(name, "") if isinstance(body, dict) else ""
+
+
 async def _wait_for_disconnect(receive: Receive) -> None:
     while True:
         message = await receive()
@@ -974,10 +979,16 @@ class Simulator:
         """Counters as served by GET /_sim/stats."""
         return dataclasses.asdict(self.stats)
 
-    def recent_calls(self, limit: int = DEFAULT_CALLS_LIMIT) -> list[dict[str, Any]]:
-        """The last `limit` logged calls, ordered by arrival time."""
-        start = max(0, len(self.calls) - limit)
-        recent = list(itertools.islice(self.calls, start, None)) if limit > 0 else []
+    def recent_calls(
+        self, limit: int = DEFAULT_CALLS_LIMIT, x_test: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The last `limit` logged calls, ordered by arrival time; with `x_test`, only those
+        whose body's `x_test` starts with it (a test's own calls, without the session's)."""
+        calls: Any = self.calls
+        if x_test is not None:
+            calls = [c for c in calls if str(_body_field(c, "x_test")).startswith(x_test)]
+        start = max(0, len(calls) - limit)
+        recent = list(itertools.islice(calls, start, None)) if limit > 0 else []
         recent.sort(key=lambda call: call["t"])
         return recent
 
@@ -1550,7 +1561,7 @@ def create_app(
             limit = int(raw)
         except ValueError:
             return _invalid(f"Invalid 'limit': {raw!r} is not an integer.", "limit")
-        return _json_response(sim.recent_calls(limit))
+        return _json_response(sim.recent_calls(limit, request.query_params.get("x_test")))
 
     async def reset(request: Request) -> Response:
         restore = request.query_params.get("config", "").lower() in ("1", "true", "yes")

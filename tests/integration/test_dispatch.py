@@ -430,7 +430,7 @@ def test_tenants_set_refuses_an_invalid_dispatch_setting_and_says_why(
 
 def calls_per_job(sim: httpx.Client, marker: str) -> Counter[str]:
     """The simulator's calls per job of this test (each job's body is marked ``marker-i``)."""
-    calls = sim.get("/_sim/calls", params={"limit": 100000}).json()
+    calls = sim.get("/_sim/calls", params={"limit": 100000, "x_test": f"{marker}-"}).json()
     marks = (str(c["body"].get("x_test", "")) for c in calls)
     return Counter(m for m in marks if m.startswith(f"{marker}-"))
 

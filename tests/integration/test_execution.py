@@ -71,7 +71,7 @@ SEED_EXAMPLES: dict[str, dict[str, Any]] = {
 
 def calls_for(sim: httpx.Client, marker: str) -> list[dict[str, Any]]:
     """The simulator's log of calls whose body carries this test's marker."""
-    calls = sim.get("/_sim/calls", params={"limit": 100000}).json()
+    calls = sim.get("/_sim/calls", params={"limit": 100000, "x_test": marker}).json()
     return [c for c in calls if c["body"].get("x_test") == marker]
 
 

@@ -679,6 +679,11 @@ def test_admin_stats_calls_reset_config() -> None:
             assert before <= calls[0]["t"] <= calls[1]["t"] <= time.time()
             last = (await client.get("/_sim/calls", params={"limit": 1})).json()
             assert [c["status"] for c in last] == [503]
+            # A test's own calls, by the prefix of its x_test marker.
+            assert (await client.post(URL, json={**chat(), "x_test": "mine-1"})).status_code == 200
+            mine = (await client.get("/_sim/calls", params={"x_test": "mine"})).json()
+            assert [c["body"]["x_test"] for c in mine] == ["mine-1"]
+            assert (await client.get("/_sim/calls", params={"x_test": "other"})).json() == []
 
             config = (await client.get("/_sim/config")).json()
             assert config["rpm"] is None and config["error_statuses"] == [500, 502, 503, 529]
