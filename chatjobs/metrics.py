@@ -71,7 +71,6 @@ RETRY_REASONS = ("429", "5xx", "4xx", "timeout", "connection", "malformed", "int
 RECOVERY_REASONS = ("lost_lease", "lost_message")
 DELIVERY_OUTCOMES = ("succeeded", "retry", "failed", "gone", "blocked")
 FIRE_OUTCOMES = ("fired", "failed", "skipped", "buffered", "missed")
-OFFLOAD_OUTCOMES = ("succeeded", "errored", "unfinished", "not_submitted")
 
 FAMILIES: dict[str, Family] = {
     f.name: f

@@ -370,20 +370,25 @@ def batch_routes(sim: Simulator) -> list[Route]:
             }
         )
 
-    async def retrieve(request: Request) -> Response:
+    def named(request: Request) -> Batch | Response:
+        """The batch the path names, or the answer refusing the request."""
         if (refused := denied(request)) is not None:
             return refused
         batch = store.get(request.path_params["batch_id"])
         if batch is None:
             return _error(404, f"Message Batch {request.path_params['batch_id']!r} not found.")
+        return batch
+
+    async def retrieve(request: Request) -> Response:
+        batch = named(request)
+        if isinstance(batch, Response):
+            return batch
         return _json(batch.view(_base(request)))
 
     async def cancel(request: Request) -> Response:
-        if (refused := denied(request)) is not None:
-            return refused
-        batch = store.get(request.path_params["batch_id"])
-        if batch is None:
-            return _error(404, f"Message Batch {request.path_params['batch_id']!r} not found.")
+        batch = named(request)
+        if isinstance(batch, Response):
+            return batch
         if batch.status == "ended":
             return _error(400, f"Message Batch {batch.id!r} has already ended.")
         if batch.status == "in_progress":
@@ -391,11 +396,9 @@ def batch_routes(sim: Simulator) -> list[Route]:
         return _json(batch.view(_base(request)))
 
     async def results(request: Request) -> Response:
-        if (refused := denied(request)) is not None:
-            return refused
-        batch = store.get(request.path_params["batch_id"])
-        if batch is None:
-            return _error(404, f"Message Batch {request.path_params['batch_id']!r} not found.")
+        batch = named(request)
+        if isinstance(batch, Response):
+            return batch
         if batch.status != "ended":
             return _error(400, f"Message Batch {batch.id!r} has not ended: no results yet.")
         lines = list(batch.results)
